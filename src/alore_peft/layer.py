@@ -113,6 +113,8 @@ class AloreLayer(BaseTunerLayer):
                 "layer; create ALoRE layers through get_peft_model (or AloreModel), not directly."
             )
         self._move_adapter_to_device_of_base_layer(adapter_name)
+        # New modules start in training mode; follow the wrapped module instead (model.eval() was maybe called).
+        self.train(self.get_base_layer().training)
         self.set_adapter(self.active_adapters)
 
     def rules(self, adapter_name: str) -> torch.Tensor:
@@ -148,7 +150,8 @@ class AloreLayer(BaseTunerLayer):
                 failure raise and leave the weight untouched.
             adapter_names: Adapters to merge (default: the active ones).
         """
-        adapter_names = check_adapters_to_merge(self, adapter_names)
+        # Adapters that do not touch this layer are skipped, as in PEFT's LoRA.
+        adapter_names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.alore_B]
         if not adapter_names:
             return
         base = self.get_base_layer()
@@ -263,6 +266,10 @@ class Linear(nn.Module, AloreLayer):
     def _forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, weight, self.get_base_layer().bias)
 
+    # nn.Module comes first in the MRO, so its placeholders must be pointed at AloreLayer's.
+    forward = AloreLayer.forward
+    __repr__ = AloreLayer.__repr__
+
 
 class Conv2d(nn.Module, AloreLayer):
     """ALoRE around an ``nn.Conv2d``: channels on axis 1.
@@ -322,6 +329,9 @@ class Conv2d(nn.Module, AloreLayer):
         delta = self.get_delta_weight(adapter_name).to(base.weight.dtype).reshape(base.weight.shape)
         h = self.alore_dropout[adapter_name](x)
         return base._conv_forward(h, delta, None)
+
+    forward = AloreLayer.forward
+    __repr__ = AloreLayer.__repr__
 
 
 LAYER_TYPES: dict[type[nn.Module], type[AloreLayer]] = {nn.Linear: Linear, nn.Conv2d: Conv2d}
