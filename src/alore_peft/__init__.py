@@ -13,6 +13,8 @@ Importing this package registers ALoRE with PEFT, so the usual PEFT API works:
 
 from . import functional
 from ._registration import ALORE_PEFT_TYPE, register
+from .auto import AutoPeftModelForImageClassification
+from .block import AloreBlock
 from .config import AloreConfig
 from .layer import AloreLayer, Conv2d, Linear
 from .model import AloreModel
@@ -23,7 +25,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ALORE_PEFT_TYPE",
+    "AloreBlock",
     "AloreConfig",
+    "AutoPeftModelForImageClassification",
     "AloreLayer",
     "AloreModel",
     "Conv2d",

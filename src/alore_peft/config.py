@@ -48,7 +48,11 @@ class AloreConfig(PeftConfig):
             (the paper's choice: ``n**3`` parameters once); ``False`` gives each
             layer its own.
         target_modules: Module names (suffix match) or a regex to adapt.
-            ``None`` uses the defaults for known model types.
+            ``nn.Linear`` and ``nn.Conv2d`` targets are adapted directly; any
+            other module (a container such as a ViT block's ``attention``) gets
+            block placement in sequential mode: one adapter on its input,
+            shared by every layer that reads it. ``None`` uses the paper's
+            placement for known model types (``alore_peft.presets``).
         exclude_modules: Module names or a regex never to adapt.
         layers_to_transform: Only adapt these layer indices.
         layers_pattern: Name of the layer container (e.g. ``"layers"``) used

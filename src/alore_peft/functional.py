@@ -89,6 +89,11 @@ def apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, sc
     ``n * r``) around an ``n x n`` rule mixing per token:
     ``tokens * (n * r * (d_in + d_out) + n**3 * r)`` multiply-adds.
 
+    The intermediate results are laid out expert-major, so the three products
+    (down-projection, rule mixing, up-projection) read their operands through
+    transposed views: no per-token copy, and ``scale`` is applied to ``B``
+    rather than to the output.
+
     Args:
         x: Inputs, ``(..., d_in)``; any number of leading batch dimensions.
         A: Rule matrices, ``(n, n, n)``.
@@ -101,17 +106,16 @@ def apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, sc
     """
     n, r, q_out, q_in = _check(A, B, C)
     lead = x.shape[:-1]
-    xb = x.reshape(*lead, n, q_in)  # (..., n_j, q_in): x split into n blocks
-    # Down-project every block with every expert at once.
-    z = xb @ C.reshape(n * r, q_in).T  # (..., n_j, n_i * r)
-    z = z.reshape(*lead, n, n, r)  # (..., n_j, n_i, r)
-    # Rule mixing: block p of expert i collects sum_j A[i, p, j] * z[j, i].
-    u = torch.einsum("ipj,...jir->...pir", A, z)  # (..., n_p, n_i, r)
-    u = u.reshape(*lead, n, n * r)  # (..., n_p, n_i * r)
-    # Up-project: the experts' outputs add up inside one matmul.
-    b_cat = B.permute(1, 0, 2).reshape(q_out, n * r)  # (q_out, n_i * r)
-    y = u @ b_cat.T  # (..., n_p, q_out)
-    return y.reshape(*lead, n * q_out) * scale
+    blocks = x.reshape(-1, q_in)  # (T * n_j, q_in): every token split into n blocks
+    tokens = blocks.shape[0] // n
+    # Down-project every block with every expert at once, expert-major.
+    z = C.reshape(n * r, q_in) @ blocks.T  # (n_i * r, T * n_j)
+    # Rule mixing: block p of expert i collects sum_j A[i, p, j] * z[i, :, j].
+    u = torch.bmm(z.view(n, r * tokens, n), A.transpose(1, 2))  # (n_i, r * T, n_p)
+    # Up-project: the experts' outputs add up inside one matmul; s scales the small factor.
+    b_t = (B * scale).transpose(1, 2).reshape(n * r, q_out)  # (n_i * r, q_out)
+    y = u.view(n * r, tokens * n).T @ b_t  # (T * n_p, q_out)
+    return y.view(*lead, n * q_out)
 
 
 def linear_with_delta(
@@ -264,4 +268,4 @@ def init_rules(n: int, method: str = "orthogonal", generator: torch.Generator | 
     q, r = torch.linalg.qr(g)
     # Fix the signs so the distribution is uniform (Haar), not biased by QR.
     q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
-    return q.float()
+    return q.float().contiguous()
