@@ -9,7 +9,7 @@ import pytest
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 # Pages whose ```python blocks are self-contained and executed here.
-EXECUTED_PAGES = ["method.md"]
+EXECUTED_PAGES = ["method.md", "inspect.md"]
 
 
 @pytest.mark.parametrize("page", EXECUTED_PAGES)

@@ -1,0 +1,557 @@
+"""Look inside a trained ALoRE adapter: what each expert contributes, and where.
+
+Everything here is a pure read of the model: no parameter is changed, hooks are
+removed before returning, and results are tensors or lists of flat ``dict``
+records (``pandas.DataFrame(records)`` turns them into a table).
+
+Definitions used throughout (``s`` is the adapter's scale ``alpha / r``):
+
+- **Expert contribution** of expert ``i`` to a layer's update:
+  ``s * kron(A_i, B_i @ C_i)``. Its Frobenius norm factorises,
+  ``||kron(X, Y)||_F = ||X||_F * ||Y||_F``, so it is computed as
+  ``s * ||A_i||_F * ||B_i @ C_i||_F`` without building the Kronecker product,
+  and ``||B_i @ C_i||_F**2 = sum((B_i^T B_i) * (C_i C_i^T))`` without building
+  ``B_i @ C_i`` either. The experts' norms do not add up to ``||dW||_F``: the
+  terms are not orthogonal in general.
+- **Effective rank** of ``dW`` (Roy & Vetterli, 2007): with singular values
+  ``sigma_k`` and ``p_k = sigma_k / sum(sigma)``, ``exp(-sum p_k log p_k)``. It
+  is 1 for a rank-one matrix, ``k`` for ``k`` equal singular values, and
+  smoothly in between; 0 for ``dW = 0``.
+- **Numerical rank** of ``dW``: the number of singular values above
+  ``rtol * sigma_max`` (default ``rtol = max(d_out, d_in) * eps`` of the
+  computing dtype, float64 here, as in ``numpy.linalg.matrix_rank``).
+- **Rank bound**: ``min(d_out, d_in, n**2 * r)``, what ``dW`` can reach.
+- **Expert map** of expert ``i`` at a layer: the L2 norm, per token, of that
+  expert's output ``s * kron(A_i, B_i C_i) x`` on the layer's input ``x``,
+  reshaped to the image's patch grid (leading CLS/register tokens dropped).
+"""
+
+from __future__ import annotations
+
+import inspect as _pyinspect
+import re
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import functional as F
+from .layer import AloreLayer
+from .layer import Conv2d as AloreConv2d
+
+__all__ = [
+    "expert_outputs",
+    "expert_norms",
+    "effective_rank",
+    "numerical_rank",
+    "alore_layers",
+    "expert_records",
+    "layer_records",
+    "rule_matrices",
+    "contribution_matrix",
+    "expert_maps",
+    "combine_maps",
+    "map_shares",
+]
+
+
+# -- pure math -----------------------------------------------------------------
+def expert_outputs(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
+    """Each expert's share of ``x @ dW.T``, kept apart.
+
+    The same factored computation as :func:`alore_peft.functional.apply`, but
+    the last matmul is not summed over experts, so
+    ``expert_outputs(x, A, B, C, s).sum(-2) == apply(x, A, B, C, s)``.
+
+    Args:
+        x: Inputs, ``(..., d_in)``.
+        A: Rule matrices, ``(n, n, n)``.
+        B: Up factors, ``(n, d_out / n, r)``.
+        C: Down factors, ``(n, r, d_in / n)``.
+        scale: Scalar multiplier ``s``.
+
+    Returns:
+        ``(..., n, d_out)``: slice ``[..., i, :]`` is ``s * kron(A_i, B_i C_i) x``.
+    """
+    n, r, q_out, q_in = F._check(A, B, C)
+    lead = x.shape[:-1]
+    xb = x.reshape(*lead, n, q_in)  # (..., n_j, q_in): x split into n blocks
+    z = xb @ C.reshape(n * r, q_in).T  # (..., n_j, n_i * r)
+    z = z.reshape(*lead, n, n, r)  # (..., n_j, n_i, r)
+    u = torch.einsum("ipj,...jir->...pir", A, z)  # (..., n_p, n_i, r)
+    # Up-project expert by expert instead of concatenating over experts.
+    y = torch.einsum("...pir,iar->...ipa", u, B)  # (..., n_i, n_p, q_out)
+    return y.reshape(*lead, n, n * q_out) * scale  # (..., n_i, d_out)
+
+
+def expert_norms(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Frobenius norm of every expert's term ``s * kron(A_i, B_i @ C_i)``.
+
+    Uses ``||kron(X, Y)||_F = ||X||_F ||Y||_F`` and
+    ``||B C||_F**2 = sum((B^T B) * (C C^T))``: ``O(n r**2 d)`` work, neither the
+    Kronecker product nor ``B_i @ C_i`` is built. Computed in float64.
+
+    Args:
+        A: Rule matrices, ``(n, n, n)``.
+        B: Up factors, ``(n, d_out / n, r)``.
+        C: Down factors, ``(n, r, d_in / n)``.
+        scale: Scalar multiplier ``s``.
+
+    Returns:
+        ``(n,)`` float64 norms.
+    """
+    F._check(A, B, C)
+    A, B, C = A.double(), B.double(), C.double()
+    btb = B.transpose(1, 2) @ B  # (n, r, r)
+    cct = C @ C.transpose(1, 2)  # (n, r, r)
+    # Round-off can push an exact zero slightly negative.
+    bc_sq = (btb * cct).sum(dim=(1, 2)).clamp_min(0)  # (n,)
+    return abs(scale) * torch.linalg.matrix_norm(A) * bc_sq.sqrt()
+
+
+def effective_rank(matrix: torch.Tensor) -> float:
+    """Entropy-based effective rank (Roy & Vetterli, 2007) of a 2-D matrix.
+
+    ``exp(H(p))`` with ``p_k = sigma_k / sum(sigma)`` over the singular values.
+    Returns 0.0 for an all-zero matrix.
+    """
+    sigma = torch.linalg.svdvals(matrix.double())
+    total = sigma.sum()
+    if total <= 0:
+        return 0.0
+    p = sigma / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def numerical_rank(matrix: torch.Tensor, rtol: Optional[float] = None) -> int:
+    """Number of singular values above ``rtol * sigma_max``.
+
+    Args:
+        matrix: A 2-D tensor (computed in float64).
+        rtol: Relative tolerance; default ``max(matrix.shape) * eps(float64)``.
+    """
+    sigma = torch.linalg.svdvals(matrix.double())
+    if sigma.numel() == 0 or sigma[0] <= 0:
+        return 0
+    if rtol is None:
+        rtol = max(matrix.shape) * torch.finfo(torch.float64).eps
+    return int((sigma > rtol * sigma[0]).sum())
+
+
+# -- finding the layers ---------------------------------------------------------
+def _inner_model(model: nn.Module) -> nn.Module:
+    """The user's model inside a PeftModel or an AloreModel tuner (names then match the base model)."""
+    from peft import PeftModel
+
+    from .model import AloreModel
+
+    if isinstance(model, PeftModel):
+        model = model.base_model
+    if isinstance(model, AloreModel):
+        model = model.model
+    return model
+
+
+def alore_layers(model: nn.Module) -> list[tuple[str, AloreLayer]]:
+    """``(name, layer)`` for every ALoRE layer, in module order.
+
+    Args:
+        model: A ``PeftModel``, an ``AloreModel`` or any module that contains
+            ALoRE layers. Names are relative to the base model (no
+            ``base_model.model.`` prefix).
+
+    Raises:
+        ValueError: If the model contains no ALoRE layer.
+    """
+    inner = _inner_model(model)
+    found = [(name, m) for name, m in inner.named_modules() if isinstance(m, AloreLayer)]
+    if not found:
+        raise ValueError(
+            f"model (a {type(model).__name__}) contains no ALoRE layer; pass the model returned by "
+            "peft.get_peft_model(base, AloreConfig(...)) or PeftModel.from_pretrained(base, adapter_dir)."
+        )
+    return found
+
+
+def _pick_adapter(layers: Sequence[tuple[str, AloreLayer]], adapter: Optional[str]) -> str:
+    names = sorted({a for _, layer in layers for a in layer.alore_B})
+    if adapter is None:
+        active = [a for a in layers[0][1].active_adapters if a in layers[0][1].alore_B]
+        if active:
+            return active[0]
+        if len(names) == 1:
+            return names[0]
+        raise ValueError(f"adapter=None is ambiguous: the model has ALoRE adapters {names}; pass adapter=NAME.")
+    if adapter not in names:
+        raise ValueError(f"adapter={adapter!r} is not an ALoRE adapter of this model; it has {names}.")
+    return adapter
+
+
+def _layer_index(name: str) -> Optional[int]:
+    """The first numbered path segment (the block index in ``...layers.3.attention.q_proj``)."""
+    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
+    return int(match.group(1)) if match else None
+
+
+# -- records --------------------------------------------------------------------
+@torch.no_grad()
+def expert_records(model: nn.Module, adapter: Optional[str] = None) -> list[dict]:
+    """One record per (layer, expert): the norm of the expert's contribution to ``dW``.
+
+    Args:
+        model: A ``PeftModel``, ``AloreModel`` or module containing ALoRE layers.
+        adapter: Adapter name; default the active one.
+
+    Returns:
+        Dicts with keys ``layer``, ``block`` (first number in the layer name,
+        or ``None``), ``expert``, ``norm`` (``s * ||A_i||_F ||B_i C_i||_F``)
+        and ``share`` (the expert's norm over the sum of the layer's norms;
+        0 for an all-zero layer).
+    """
+    layers = alore_layers(model)
+    adapter = _pick_adapter(layers, adapter)
+    records = []
+    for name, layer in layers:
+        if adapter not in layer.alore_B:
+            continue
+        A, B, C = layer.factors(adapter)
+        norms = expert_norms(A, B, C, layer.scaling[adapter])  # (n,)
+        total = float(norms.sum())
+        for i, value in enumerate(norms.tolist()):
+            records.append(
+                {
+                    "layer": name,
+                    "block": _layer_index(name),
+                    "expert": i,
+                    "norm": value,
+                    "share": value / total if total > 0 else 0.0,
+                }
+            )
+    return records
+
+
+@torch.no_grad()
+def layer_records(model: nn.Module, adapter: Optional[str] = None, rtol: Optional[float] = None) -> list[dict]:
+    """One record per ALoRE layer: shapes, parameter count, ``||dW||`` and its ranks.
+
+    Builds each layer's dense ``dW`` once (for the singular values).
+
+    Args:
+        model: A ``PeftModel``, ``AloreModel`` or module containing ALoRE layers.
+        adapter: Adapter name; default the active one.
+        rtol: Tolerance of :func:`numerical_rank`.
+
+    Returns:
+        Dicts with keys ``layer``, ``block``, ``mode``, ``d_out``, ``d_in``
+        (of ``dW``: square in sequential mode), ``r``, ``num_experts``,
+        ``scale``, ``params`` (the layer's ``B`` and ``C``, plus its own rules
+        when they are not shared), ``delta_norm`` (``||s dW||_F``),
+        ``effective_rank``, ``numerical_rank`` and ``rank_bound``
+        (``min(d_out, d_in, n**2 r)``).
+    """
+    layers = alore_layers(model)
+    adapter = _pick_adapter(layers, adapter)
+    records = []
+    for name, layer in layers:
+        if adapter not in layer.alore_B:
+            continue
+        A, B, C = layer.factors(adapter)
+        n, r, scale = layer.num_experts[adapter], layer.r[adapter], layer.scaling[adapter]
+        delta = F.delta_weight(A.double(), B.double(), C.double(), scale)  # (d_out, d_in)
+        d_out, d_in = delta.shape
+        own_rules = A.numel() if adapter in layer.alore_A else 0
+        records.append(
+            {
+                "layer": name,
+                "block": _layer_index(name),
+                "mode": layer.mode[adapter],
+                "d_out": d_out,
+                "d_in": d_in,
+                "r": r,
+                "num_experts": n,
+                "scale": scale,
+                "params": B.numel() + C.numel() + own_rules,
+                "delta_norm": float(torch.linalg.matrix_norm(delta)),
+                "effective_rank": effective_rank(delta),
+                "numerical_rank": numerical_rank(delta, rtol),
+                "rank_bound": min(d_out, d_in, n * n * r),
+            }
+        )
+    return records
+
+
+@torch.no_grad()
+def rule_matrices(model: nn.Module, adapter: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """The rule matrices ``A`` (``(n, n, n)``, detached copies) of an adapter.
+
+    Returns:
+        ``{"shared": A}`` when the adapter shares its rules across layers,
+        otherwise ``{layer_name: A}`` for every layer.
+    """
+    layers = alore_layers(model)
+    adapter = _pick_adapter(layers, adapter)
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in layers:
+        if adapter not in layer.alore_B:
+            continue
+        if adapter in layer.alore_A:
+            out[name] = layer.alore_A[adapter].detach().clone()
+        else:
+            out["shared"] = layer.rules(adapter).detach().clone()
+    return out
+
+
+def contribution_matrix(records: Sequence[dict], value: str = "norm") -> tuple[list[str], torch.Tensor]:
+    """Pivot :func:`expert_records` into a layers x experts matrix.
+
+    Args:
+        records: Output of :func:`expert_records`.
+        value: Record key to place in the cells (``"norm"`` or ``"share"``).
+
+    Returns:
+        ``(layer_names, matrix)`` with ``matrix`` of shape ``(layers, n)``; a
+        layer with fewer experts than the widest one is padded with NaN.
+    """
+    names: list[str] = []
+    for rec in records:
+        if rec["layer"] not in names:
+            names.append(rec["layer"])
+    n = 1 + max(rec["expert"] for rec in records)
+    matrix = torch.full((len(names), n), float("nan"), dtype=torch.float64)
+    row = {name: k for k, name in enumerate(names)}
+    for rec in records:
+        matrix[row[rec["layer"]], rec["expert"]] = rec[value]
+    return names, matrix
+
+
+# -- maps over the image --------------------------------------------------------
+def _find_patch_size(model: nn.Module) -> Optional[tuple[int, int]]:
+    for m in (model, _inner_model(model)):
+        config = getattr(m, "config", None)
+        patch = getattr(config, "patch_size", None) if config is not None else None
+        if isinstance(patch, int):
+            return patch, patch
+        if isinstance(patch, (tuple, list)) and len(patch) == 2:
+            return int(patch[0]), int(patch[1])
+    return None
+
+
+def _call_model(model: nn.Module, pixel_values: torch.Tensor) -> None:
+    inner = _inner_model(model)
+    try:
+        params = _pyinspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "pixel_values" in params:
+        model(pixel_values=pixel_values)
+    else:
+        model(pixel_values)
+
+
+# Keywords under which a block container may receive its input instead of positionally.
+_INPUT_KWARGS = ("hidden_states", "x", "input", "inputs", "features")
+
+
+def _layer_input(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """A layer's input: its first positional argument, else a known input keyword."""
+    if args:
+        return args[0] if isinstance(args[0], torch.Tensor) else None
+    for key in _INPUT_KWARGS:
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return kwargs[key]
+    return None
+
+
+@contextmanager
+def _capture_inputs(layers: Sequence[tuple[str, AloreLayer]]) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the input of every layer (first positional argument or input keyword) during a forward pass."""
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def make_hook(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            # Block containers may receive their input as a keyword (hidden_states=...).
+            x = _layer_input(args, kwargs)
+            if x is not None:
+                captured[name] = x.detach()
+
+        return hook
+
+    try:
+        for name, layer in layers:
+            handles.append(layer.register_forward_pre_hook(make_hook(name), with_kwargs=True))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def expert_maps(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    adapter: Optional[str] = None,
+    layers: Optional[Sequence[str]] = None,
+    grid: Optional[tuple[int, int]] = None,
+    forward: Optional[Callable[[torch.Tensor], object]] = None,
+) -> dict[str, torch.Tensor]:
+    """Where on the image each expert acts: per-token norms of its output, on the patch grid.
+
+    Runs one forward pass (in eval mode, without gradients; the model's
+    train/eval state is restored), captures the input of every ALoRE layer
+    with forward pre-hooks and computes each expert's output on it with
+    :func:`expert_outputs`. Works for sequential and parallel adapters alike:
+    both act on the layer's input.
+
+    Token layouts: ``(batch, tokens, d)`` for transformer layers, where tokens
+    are ``P`` leading prefix tokens (CLS, registers) followed by the
+    ``H * W`` patches in row-major order; prefix tokens are dropped.
+    Convolutions (``(batch, C, H, W)``) give their own spatial grid.
+
+    Args:
+        model: A ``PeftModel``, ``AloreModel`` or module containing ALoRE layers.
+        pixel_values: ``(batch, channels, height, width)`` model input.
+        adapter: Adapter name; default the active one.
+        layers: Names of the layers to map (default: all ALoRE layers).
+        grid: Patch grid ``(H, W)``; default ``pixel_values``' size divided by
+            ``model.config.patch_size``.
+        forward: Callable running the model on ``pixel_values``; default
+            ``model(pixel_values=...)`` (or positional when the forward takes
+            no ``pixel_values`` argument).
+
+    Returns:
+        ``{layer_name: maps}`` with ``maps`` of shape ``(batch, n, H, W)``.
+
+    Raises:
+        ValueError: On unknown layer names, or a token count that does not
+            fit the patch grid.
+    """
+    all_layers = alore_layers(model)
+    adapter = _pick_adapter(all_layers, adapter)
+    chosen = [(name, layer) for name, layer in all_layers if adapter in layer.alore_B]
+    if layers is not None:
+        known = {name for name, _ in chosen}
+        unknown = [name for name in layers if name not in known]
+        if unknown:
+            raise ValueError(
+                f"layers={unknown} are not ALoRE layers of adapter {adapter!r}; choose from {sorted(known)}."
+            )
+        chosen = [(name, layer) for name, layer in chosen if name in set(layers)]
+
+    if grid is None and pixel_values.dim() == 4:
+        patch = _find_patch_size(model)
+        if patch is not None:
+            grid = (pixel_values.shape[-2] // patch[0], pixel_values.shape[-1] // patch[1])
+
+    was_training = model.training
+    model.eval()
+    try:
+        with _capture_inputs(chosen) as captured:
+            if forward is None:
+                _call_model(model, pixel_values)
+            else:
+                forward(pixel_values)
+    finally:
+        model.train(was_training)
+
+    maps: dict[str, torch.Tensor] = {}
+    for name, layer in chosen:
+        if name not in captured:
+            raise ValueError(f"ALoRE layer {name!r} did not run during the forward pass, so it has no map.")
+        x = captured[name]
+        A, B, C = layer.factors(adapter)
+        feature_dim = layer._feature_dim
+        if isinstance(layer, AloreConv2d) and layer.mode[adapter] == "parallel":
+            maps[name] = _conv_parallel_maps(layer, adapter, x)  # (batch, n, H_out, W_out)
+            continue
+        if feature_dim != -1:
+            x = x.movedim(feature_dim, -1)  # (batch, H, W, C) for a convolution
+        per_expert = expert_outputs(x.to(B.dtype), A.to(B.dtype), B, C, layer.scaling[adapter])
+        norms = per_expert.norm(dim=-1)  # (batch, *positions, n)
+        if feature_dim != -1:
+            maps[name] = norms.movedim(-1, 1)  # (batch, n, H, W)
+            continue
+        if norms.dim() != 3:
+            raise ValueError(
+                f"ALoRE layer {name!r} got an input of shape {tuple(x.shape)}; expert maps need (batch, tokens, "
+                "features) or a convolution's (batch, channels, H, W)."
+            )
+        tokens = norms.shape[1]
+        if grid is None:
+            raise ValueError(
+                "expert_maps could not find the patch grid: the model has no config.patch_size. Pass grid=(H, W), "
+                "the number of patch rows and columns."
+            )
+        h, w = grid
+        prefix = tokens - h * w
+        if prefix < 0:
+            raise ValueError(
+                f"ALoRE layer {name!r} sees {tokens} tokens, fewer than the {h} x {w} patch grid; pass grid=(H, W) "
+                "for this input, or map only layers that see every patch (layers=[...])."
+            )
+        # (batch, prefix + H*W, n) -> drop CLS/register tokens -> (batch, n, H, W)
+        maps[name] = norms[:, prefix:, :].transpose(1, 2).reshape(norms.shape[0], -1, h, w)
+    return maps
+
+
+def _conv_parallel_maps(layer: AloreLayer, adapter: str, x: torch.Tensor) -> torch.Tensor:
+    """Per-expert maps of a parallel Conv2d adapter, whose ``dW`` acts on kernel patches.
+
+    Each expert's update is built densely (convolution kernels are small) with
+    the other experts' up factors zeroed, so ``n`` stays the Kronecker size,
+    and applied as a convolution without bias.
+    """
+    A, B, C = layer.factors(adapter)
+    base = layer.get_base_layer()
+    out = []
+    for i in range(B.shape[0]):
+        keep = torch.zeros(B.shape[0], 1, 1, dtype=B.dtype, device=B.device)
+        keep[i] = 1
+        delta = F.delta_weight(A.to(B.dtype), B * keep, C, layer.scaling[adapter])  # (c_out, c_in * kh * kw)
+        y = base._conv_forward(x.to(B.dtype), delta.reshape(base.weight.shape), None)  # (batch, c_out, H', W')
+        out.append(y.norm(dim=1))  # (batch, H', W')
+    return torch.stack(out, dim=1)  # (batch, n, H', W')
+
+
+def combine_maps(maps: dict[str, torch.Tensor], normalize: bool = True) -> torch.Tensor:
+    """Average expert maps over layers.
+
+    Args:
+        maps: Output of :func:`expert_maps` (all on one grid).
+        normalize: Divide each layer's maps by their mean over images, experts
+            and positions first, so every layer weighs the same whatever the
+            size of its update (a layer with an all-zero update contributes
+            zeros).
+
+    Returns:
+        ``(batch, n, H, W)``.
+    """
+    if not maps:
+        raise ValueError("maps is empty; pass the output of expert_maps for at least one layer.")
+    shapes = {tuple(m.shape) for m in maps.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"combine_maps needs maps of one shape; got {sorted(shapes)}. Select layers of one grid.")
+    stacked = torch.stack(list(maps.values()))  # (layers, batch, n, H, W)
+    if normalize:
+        mean = stacked.flatten(1).mean(dim=1)  # (layers,)
+        scale = torch.where(mean > 0, 1.0 / mean.clamp_min(torch.finfo(mean.dtype).tiny), torch.zeros_like(mean))
+        stacked = stacked * scale.view(-1, *([1] * (stacked.dim() - 1)))
+    return stacked.mean(dim=0)
+
+
+def map_shares(maps: torch.Tensor) -> torch.Tensor:
+    """Each expert's share of the experts' total at every position.
+
+    Args:
+        maps: ``(batch, n, H, W)`` expert maps.
+
+    Returns:
+        ``(batch, n, H, W)`` summing to 1 over the experts wherever any
+        expert is non-zero, 0 where all are.
+    """
+    total = maps.sum(dim=1, keepdim=True)  # (batch, 1, H, W)
+    return torch.where(total > 0, maps / total.clamp_min(torch.finfo(maps.dtype).tiny), torch.zeros_like(maps))
