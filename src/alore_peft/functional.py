@@ -89,10 +89,12 @@ def apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, sc
     ``n * r``) around an ``n x n`` rule mixing per token:
     ``tokens * (n * r * (d_in + d_out) + n**3 * r)`` multiply-adds.
 
-    The intermediate results are laid out expert-major, so the three products
-    (down-projection, rule mixing, up-projection) read their operands through
-    transposed views: no per-token copy, and ``scale`` is applied to ``B``
-    rather than to the output.
+    No per-token tensor is copied or permuted, and ``scale`` multiplies ``B``,
+    not the output. The rule mixing runs as one matmul with a dense
+    ``(n*n*r, n*n*r)`` mixing matrix built from ``A`` when that costs at most
+    half the two projections (``n**3 * r <= (d_in + d_out) / 2``, e.g. n = r = 4
+    on a 768-wide layer: fastest on CPU), otherwise as a batched matmul over
+    the experts on an expert-major layout (``n**3 * r`` multiply-adds per token).
 
     Args:
         x: Inputs, ``(..., d_in)``; any number of leading batch dimensions.
@@ -108,13 +110,25 @@ def apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, sc
     lead = x.shape[:-1]
     blocks = x.reshape(-1, q_in)  # (T * n_j, q_in): every token split into n blocks
     tokens = blocks.shape[0] // n
-    # Down-project every block with every expert at once, expert-major.
-    z = C.reshape(n * r, q_in) @ blocks.T  # (n_i * r, T * n_j)
-    # Rule mixing: block p of expert i collects sum_j A[i, p, j] * z[i, :, j].
-    u = torch.bmm(z.view(n, r * tokens, n), A.transpose(1, 2))  # (n_i, r * T, n_p)
-    # Up-project: the experts' outputs add up inside one matmul; s scales the small factor.
-    b_t = (B * scale).transpose(1, 2).reshape(n * r, q_out)  # (n_i * r, q_out)
-    y = u.view(n * r, tokens * n).T @ b_t  # (T * n_p, q_out)
+    if n**3 * r <= (n * q_in + n * q_out) // 2:
+        # Down-project every block with every expert at once.
+        z = blocks @ C.reshape(n * r, q_in).T  # (T * n_j, n_i * r)
+        # Rule mixing: u[(p, i, r)] = sum_j A[i, p, j] z[(j, i, r)], as one matmul with
+        # mix[(p, i, r), (j, k, s)] = A[i, p, j] [i == k] [r == s].
+        eye_n = torch.eye(n, dtype=A.dtype, device=A.device)
+        eye_r = torch.eye(r, dtype=A.dtype, device=A.device)
+        mix = torch.einsum("ipj,ik,rs->pirjks", A, eye_n, eye_r).reshape(n * n * r, n * n * r)
+        u = z.view(tokens, n * n * r) @ mix.T  # (T, n_p * n_i * r)
+        # Up-project: the experts' outputs add up inside one matmul; s scales the small factor.
+        b_cat = (B * scale).permute(1, 0, 2).reshape(q_out, n * r)  # (q_out, n_i * r)
+        y = u.view(tokens * n, n * r) @ b_cat.T  # (T * n_p, q_out)
+    else:
+        # Down-projection, expert-major: the mixing below then reads it without a copy.
+        z = C.reshape(n * r, q_in) @ blocks.T  # (n_i * r, T * n_j)
+        # Rule mixing: block p of expert i collects sum_j A[i, p, j] * z[i, :, j].
+        u = torch.bmm(z.view(n, r * tokens, n), A.transpose(1, 2))  # (n_i, r * T, n_p)
+        b_t = (B * scale).transpose(1, 2).reshape(n * r, q_out)  # (n_i * r, q_out)
+        y = u.view(n * r, tokens * n).T @ b_t  # (T * n_p, q_out)
     return y.view(*lead, n * q_out)
 
 
@@ -183,10 +197,21 @@ def fold_flops(tokens: int, d_in: int, d_out: int, n: int, r: int, needs_grad: b
 def prefer_fold(tokens: int, d_in: int, d_out: int, n: int, r: int, needs_grad: bool = False) -> bool:
     """Whether folding ``dW`` into the weight is cheaper than the factored path.
 
+    Multiply-adds alone undercount the fold: building ``dW`` streams the
+    ``d_out x d_in`` update through products whose inner size is only ``n`` or
+    ``r`` and through about five passes (the expert products, the rule sum and
+    its permuted copy, the scale, the add to the weight), each costing several
+    multiply-adds' time per value. They are counted as ``16 * d_out * d_in``
+    extra, which puts the crossovers measured on CPU by
+    ``benchmarks/bench_layer.py`` (about 500 tokens for 768 x 768 and 1,000 for
+    768 x 3072 at n = r = 4) where this model predicts them (500 and 800).
+
     In practice: yes for inference on more than a few hundred tokens per call
-    (768 x 768, n = r = 4: above 120 tokens), no whenever gradients flow.
+    (a batch of 4 images at 224 px), no whenever gradients flow.
     """
-    return fold_flops(tokens, d_in, d_out, n, r, needs_grad) < factored_flops(tokens, d_in, d_out, n, r, needs_grad)
+    build_passes = 16 * d_out * d_in
+    fold = fold_flops(tokens, d_in, d_out, n, r, needs_grad) + build_passes
+    return fold < factored_flops(tokens, d_in, d_out, n, r, needs_grad)
 
 
 def valid_num_experts(*dims: int, limit: int = 64) -> list[int]:
