@@ -132,3 +132,27 @@ def staged_output(out_dir: Path) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def verify_saved_weights(folder: Path, model, label: str) -> None:
+    """Reload a saved model folder and require bit-identical weights (catches renaming on save).
+
+    Args:
+        folder: The folder written by ``model.save_pretrained``.
+        model: The converted model whose weights were saved.
+        label: The model's name for error messages, e.g. ``"DINOv2"``.
+
+    Raises:
+        OfflinePreparationError: If keys are missing or unexpected, or a tensor differs.
+    """
+    import torch
+    from transformers import AutoModel
+
+    reloaded, info = AutoModel.from_pretrained(folder, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if problems:
+        raise OfflinePreparationError(f"The saved {label} folder does not reload cleanly: {problems}.")
+    expected = model.state_dict()
+    for key, value in reloaded.state_dict().items():
+        if not torch.equal(value, expected[key]):
+            raise OfflinePreparationError(f"Saved tensor {key!r} differs from the converted weights after reload.")

@@ -25,6 +25,7 @@ from alore_peft.offline._common import (
     find_package_file,
     require_module,
     staged_output,
+    verify_saved_weights,
 )
 
 if TYPE_CHECKING:
@@ -395,20 +396,7 @@ def prepare_mobilenet_v2(
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         if verify:
-            _verify_saved_weights(staging, model)
+            verify_saved_weights(staging, model, "MobileNetV2")
     return out_path
 
 
-def _verify_saved_weights(folder: Path, model: MobileNetV2Model) -> None:
-    """Reload the saved folder and require bit-identical weights."""
-    import torch
-    from transformers import AutoModel
-
-    reloaded, info = AutoModel.from_pretrained(folder, output_loading_info=True)
-    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    if problems:
-        raise OfflinePreparationError(f"The saved MobileNetV2 folder does not reload cleanly: {problems}.")
-    expected = model.state_dict()
-    for key, value in reloaded.state_dict().items():
-        if not torch.equal(value, expected[key]):
-            raise OfflinePreparationError(f"Saved tensor {key!r} differs from the converted weights after reload.")
