@@ -22,8 +22,9 @@ wall-clock medians (with quartiles) and CPU-time medians.
 
 The flop model check: for every shape and regime, ``functional.prefer_fold``
 must pick the faster of ``factored`` and ``fold``; ``--sweep`` also measures
-both over a range of token counts without gradients and compares the measured
-crossover with the predicted one.
+both (and the frozen layer alone, and LoRA of rank r) over a range of token
+counts without gradients and compares the measured crossover with the
+predicted one.
 
     python benchmarks/bench_layer.py                 # 1576 tokens, both shapes, sweep
     python benchmarks/bench_layer.py --quick         # small and fast (smoke test)
@@ -144,6 +145,27 @@ def runners_for(variants: dict[str, Callable], names: list[str], tokens: int, d_
     return {name: Runner(run(variants[name])) for name in names}
 
 
+# Operators that launch a kernel (on a GPU) rather than only making a view.
+KERNEL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::mul", "aten::add", "aten::add_", "aten::copy_",
+              "aten::eye", "aten::sum", "aten::fill_", "aten::zero_", "aten::clone", "aten::cat"}
+
+
+def count_ops(runner: Runner) -> dict:
+    """ATen operators and kernel-launching operators in one call (forward, plus backward in ``train``).
+
+    Where the arithmetic is small, as an adapter's is, a GPU pays per operator
+    (launch and dispatch) rather than per multiply-add: this is that bill.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        runner.fn()
+    events = prof.key_averages()
+    aten = sum(e.count for e in events if e.key.startswith("aten::"))
+    kernels = sum(e.count for e in events if e.key in KERNEL_OPS)
+    return {"aten_ops": aten, "kernel_ops": kernels}
+
+
 def check_equal(variants: dict[str, Callable], d_in: int) -> float:
     """Largest difference between the parallel ALoRE variants' outputs (they compute the same function)."""
     x = torch.randn(2, 5, d_in)
@@ -201,7 +223,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             train = regime == "train"
             runners = runners_for(variants, names, tokens, d_in, d_out, train)
             time_interleaved(runners, reps, 1, torch.device("cpu"))
-            stats = {n: summary(r) for n, r in runners.items()}
+            stats = {n: summary(r) | count_ops(r) for n, r in runners.items()}
             predicted = F.prefer_fold(tokens, d_in, d_out, N, R, needs_grad=train)
             entry[regime] = {
                 "stats": stats,
@@ -221,19 +243,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
         if not args.no_sweep:
             rows = []
             for t in sweep_tokens:
-                runners = runners_for(variants, ["factored", "fold"], t, d_in, d_out, train=False)
-                time_interleaved(runners, reps, 1, torch.device("cpu"))
+                # Small calls are quick: more repetitions where they cost little.
+                sweep_reps = max(reps, min(100, reps * 1576 // t))
+                runners = runners_for(variants, ["base", "factored", "fold", "lora_r"], t, d_in, d_out, train=False)
+                time_interleaved(runners, sweep_reps, 1, torch.device("cpu"))
                 s = {n: summary(r) for n, r in runners.items()}
-                rows.append(
-                    {
-                        "tokens": t,
-                        "factored_ms": s["factored"]["median_ms"],
-                        "fold_ms": s["fold"]["median_ms"],
-                        "factored_cpu_ms": s["factored"]["cpu_median_ms"],
-                        "fold_cpu_ms": s["fold"]["cpu_median_ms"],
-                        "prefer_fold": F.prefer_fold(t, d_in, d_out, N, R, needs_grad=False),
-                    }
-                )
+                row = {"tokens": t, "reps": sweep_reps, "prefer_fold": F.prefer_fold(t, d_in, d_out, N, R, needs_grad=False)}
+                for n in ("base", "factored", "fold", "lora_r"):
+                    row[f"{n}_ms"] = s[n]["median_ms"]
+                    row[f"{n}_cpu_ms"] = s[n]["cpu_median_ms"]
+                rows.append(row)
             entry["sweep_infer"] = {
                 "rows": rows,
                 "crossover_predicted": crossover(sweep_tokens, [r["prefer_fold"] for r in rows]),
@@ -265,12 +284,16 @@ def markdown(report: dict, names: list[str]) -> str:
         f"OMP_WAIT_POLICY={meta['omp_wait_policy']}; load average at start {meta['loadavg_start']}, "
         f"at end {meta['loadavg_end']}.",
         f"- ALoRE n={meta['n']}, r={meta['r']}; {meta['tokens']} tokens per call; {meta['reps']} interleaved "
-        "repetitions. Times in ms: wall-clock median [quartiles] / CPU-time median.",
+        "repetitions. Times in ms: wall-clock median [quartiles] / CPU-time median. ops: ATen operators per "
+        "call (those that launch a kernel, not views, in brackets), from torch.profiler.",
         "",
     ]
     for e in report["shapes"]:
         lines += [f"## {e['d_in']} -> {e['d_out']}", ""]
-        lines += ["| variant | train (fwd+bwd) | x base | infer (no grad) | x base |", "|---|---:|---:|---:|---:|"]
+        lines += [
+            "| variant | train (fwd+bwd) | x base | ops | infer (no grad) | x base | ops |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
         tr, inf = e["train"]["stats"], e["infer"]["stats"]
         for n in names:
 
@@ -283,7 +306,12 @@ def markdown(report: dict, names: list[str]) -> str:
                     f"{stats[n]['cpu_median_ms'] / stats['base']['cpu_median_ms']:.2f}"
                 )
 
-            lines.append(f"| {n} | {cell(tr[n])} | {rel(tr)} | {cell(inf[n])} | {rel(inf)} |")
+            def ops(s: dict) -> str:
+                return f"{s['aten_ops']} ({s['kernel_ops']})"
+
+            lines.append(
+                f"| {n} | {cell(tr[n])} | {rel(tr)} | {ops(tr[n])} | {cell(inf[n])} | {rel(inf)} | {ops(inf[n])} |"
+            )
         lines.append("")
         for regime in ("train", "infer"):
             r = e[regime]
@@ -297,16 +325,16 @@ def markdown(report: dict, names: list[str]) -> str:
             sw = e["sweep_infer"]
             lines += [
                 "",
-                "Token sweep without gradients (ms, wall / CPU):",
+                "Token sweep without gradients (ms, wall / CPU; the frozen layer alone, then each adapted variant):",
                 "",
-                "| tokens | factored | fold | prefer_fold |",
-                "|---:|---:|---:|---|",
+                "| tokens | reps | base | factored | fold | LoRA r | prefer_fold |",
+                "|---:|---:|---:|---:|---:|---:|---|",
             ]
             for row in sw["rows"]:
-                lines.append(
-                    f"| {row['tokens']} | {row['factored_ms']:.2f} / {row['factored_cpu_ms']:.2f} "
-                    f"| {row['fold_ms']:.2f} / {row['fold_cpu_ms']:.2f} | {row['prefer_fold']} |"
+                cells = " | ".join(
+                    f"{row[f'{n}_ms']:.2f} / {row[f'{n}_cpu_ms']:.2f}" for n in ("base", "factored", "fold", "lora_r")
                 )
+                lines.append(f"| {row['tokens']} | {row['reps']} | {cells} | {row['prefer_fold']} |")
             lines += [
                 "",
                 f"Crossover (fold faster from here on): predicted {sw['crossover_predicted']}, measured "

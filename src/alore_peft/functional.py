@@ -89,12 +89,14 @@ def apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, sc
     ``n * r``) around an ``n x n`` rule mixing per token:
     ``tokens * (n * r * (d_in + d_out) + n**3 * r)`` multiply-adds.
 
-    No per-token tensor is copied or permuted, and ``scale`` multiplies ``B``,
-    not the output. The rule mixing runs as one matmul with a dense
-    ``(n*n*r, n*n*r)`` mixing matrix built from ``A`` when that costs at most
-    half the two projections (``n**3 * r <= (d_in + d_out) / 2``, e.g. n = r = 4
-    on a 768-wide layer: fastest on CPU), otherwise as a batched matmul over
-    the experts on an expert-major layout (``n**3 * r`` multiply-adds per token).
+    No per-token tensor is copied or permuted, ``scale`` multiplies a small
+    factor, not the output, and each call runs few operations (what a GPU
+    pays for, more than multiply-adds). The rule mixing runs as one matmul with
+    a dense ``(n*n*r, n*n*r)`` mixing matrix built from ``A`` when that costs at
+    most half the two projections (``n**3 * r <= (d_in + d_out) / 2``, e.g.
+    n = r = 4 on a 768-wide layer: fastest on CPU), otherwise as a batched
+    matmul over the experts on an expert-major layout (``n**3 * r``
+    multiply-adds per token).
 
     Args:
         x: Inputs, ``(..., d_in)``; any number of leading batch dimensions.
@@ -113,21 +115,23 @@ def apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, sc
     if n**3 * r <= (n * q_in + n * q_out) // 2:
         # Down-project every block with every expert at once.
         z = blocks @ C.reshape(n * r, q_in).T  # (T * n_j, n_i * r)
-        # Rule mixing: u[(p, i, r)] = sum_j A[i, p, j] z[(j, i, r)], as one matmul with
-        # mix[(p, i, r), (j, k, s)] = A[i, p, j] [i == k] [r == s].
-        eye_n = torch.eye(n, dtype=A.dtype, device=A.device)
-        eye_r = torch.eye(r, dtype=A.dtype, device=A.device)
-        mix = torch.einsum("ipj,ik,rs->pirjks", A, eye_n, eye_r).reshape(n * n * r, n * n * r)
+        # Rule mixing as one matmul: mix[(p, i, r), (j, k, t)] = s * A[i, p, j] * [i == k] * [r == t],
+        # the rules broadcast against an identity on (expert, rank); s rides along for free.
+        eye = torch.eye(n * r, dtype=A.dtype, device=A.device).view(1, n, r, 1, n, r)  # (1, i, r, 1, k, t)
+        if scale != 1.0:
+            eye = eye * scale
+        rules = A.permute(1, 0, 2)[:, :, None, :, None, None]  # (p, i, 1, j, 1, 1)
+        mix = (rules * eye).reshape(n * n * r, n * n * r)  # (n_p * n_i * r, n_j * n_k * r)
         u = z.view(tokens, n * n * r) @ mix.T  # (T, n_p * n_i * r)
-        # Up-project: the experts' outputs add up inside one matmul; s scales the small factor.
-        b_cat = (B * scale).permute(1, 0, 2).reshape(q_out, n * r)  # (q_out, n_i * r)
+        # Up-project: the experts' outputs add up inside one matmul.
+        b_cat = B.permute(1, 0, 2).reshape(q_out, n * r)  # (q_out, n_i * r)
         y = u.view(tokens * n, n * r) @ b_cat.T  # (T * n_p, q_out)
     else:
         # Down-projection, expert-major: the mixing below then reads it without a copy.
         z = C.reshape(n * r, q_in) @ blocks.T  # (n_i * r, T * n_j)
         # Rule mixing: block p of expert i collects sum_j A[i, p, j] * z[i, :, j].
         u = torch.bmm(z.view(n, r * tokens, n), A.transpose(1, 2))  # (n_i, r * T, n_p)
-        b_t = (B * scale).transpose(1, 2).reshape(n * r, q_out)  # (n_i * r, q_out)
+        b_t = (B * scale if scale != 1.0 else B).transpose(1, 2).reshape(n * r, q_out)  # (n_i * r, q_out)
         y = u.view(n * r, tokens * n).T @ b_t  # (T * n_p, q_out)
     return y.view(*lead, n * q_out)
 
@@ -202,12 +206,13 @@ def prefer_fold(tokens: int, d_in: int, d_out: int, n: int, r: int, needs_grad: 
     ``r`` and through about five passes (the expert products, the rule sum and
     its permuted copy, the scale, the add to the weight), each costing several
     multiply-adds' time per value. They are counted as ``16 * d_out * d_in``
-    extra, which puts the crossovers measured on CPU by
-    ``benchmarks/bench_layer.py`` (about 500 tokens for 768 x 768 and 1,000 for
-    768 x 3072 at n = r = 4) where this model predicts them (500 and 800).
+    extra. At n = r = 4 this model then predicts folding from 500 tokens
+    (768 x 768) and 800 (768 x 3072); ``benchmarks/bench_layer.py`` measured
+    the crossovers on CPU at 512 and between 1,024 and 1,576 tokens (counting
+    multiply-adds alone predicted 120 and 190).
 
-    In practice: yes for inference on more than a few hundred tokens per call
-    (a batch of 4 images at 224 px), no whenever gradients flow.
+    In practice: yes for inference on ViT-B/16's layers from 3 (768 x 768) or
+    5 (768 x 3072) images of 224 px per call, no whenever gradients flow.
     """
     build_passes = 16 * d_out * d_in
     fold = fold_flops(tokens, d_in, d_out, n, r, needs_grad) + build_passes
