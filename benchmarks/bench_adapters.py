@@ -203,31 +203,6 @@ def merged_copy(model: nn.Module, base: nn.Module) -> nn.Module:
     return merged
 
 
-def use_proposed_layer() -> None:
-    """Monkeypatch the change proposed for ``alore_peft.layer.AloreLayer._adapter_out`` (``--proposed-layer``).
-
-    Under autocast the adapter's matmuls choose their own dtype, so casting a
-    bfloat16 activation to the float32 factors first only adds two passes over
-    it (to float32, and back to bfloat16 inside the matmul); the results are
-    bit-identical. Without autocast nothing changes.
-    """
-    from alore_peft import functional as AF
-    from alore_peft.layer import AloreLayer
-
-    def _adapter_out(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        A, B, C = self.factors(adapter_name)
-        h = x if torch.is_autocast_enabled(x.device.type) else x.to(B.dtype)
-        h = self.alore_dropout[adapter_name](h)
-        if self._feature_dim != -1:
-            h = h.movedim(self._feature_dim, -1)  # (..., features)
-        out = AF.apply(h, A.to(B.dtype), B, C, self.scaling[adapter_name])
-        if self._feature_dim != -1:
-            out = out.movedim(-1, self._feature_dim)
-        return out.to(x.dtype)
-
-    AloreLayer._adapter_out = _adapter_out
-
-
 # --------------------------------------------------------------------------- timing
 @dataclass
 class Runner:
@@ -572,8 +547,7 @@ def markdown(report: dict) -> str:
         f"- Model: {meta['model']}.",
         f"- Repetitions: {meta['reps']} per method for training, {meta.get('infer_reps', meta['reps'])} for "
         f"inference, after {meta['warmup']} warm-up; interleaved, order rotated every repetition.",
-        f"- ALoRE sequential placement: {meta['alore_placement']}"
-        + ("; with the proposed layer change (`--proposed-layer`)." if meta.get("proposed_layer") else "."),
+        f"- ALoRE sequential placement: {meta['alore_placement']}.",
         f"- Peak memory: {meta['memory_method']}.",
         "",
         "Times: wall-clock medians in ms, interquartile range in brackets. A ratio is the median over "
@@ -734,8 +708,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (inductor)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
-    p.add_argument("--proposed-layer", action="store_true",
-                   help="run ALoRE with the layer change proposed in use_proposed_layer() (autocast cast skipped)")
     p.add_argument("--quick", action="store_true", help="tiny ViT, batch 2, 3 reps: a smoke test")
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--plot", type=Path, default=None, help="also write a PNG bar chart of the ratios here")
@@ -790,8 +762,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    if args.proposed_layer:
-        use_proposed_layer()
     torch.manual_seed(0)
     cfg = vit_config(args.quick, args.num_layers)
     base = ViTForImageClassification(cfg).eval()
@@ -816,7 +786,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "warmup": args.warmup,
         "alore_placement": where,
         "alore_placement_kind": placement,
-        "proposed_layer": args.proposed_layer,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "memory_method": "skipped" if args.no_memory else (
             "the model's own weights, buffers and inputs plus the largest increase of allocated memory during "

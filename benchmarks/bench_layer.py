@@ -121,9 +121,14 @@ def make_variants(d_in: int, d_out: int, seed: int = 0) -> tuple[dict[str, Calla
     return variants, params
 
 
-def runners_for(variants: dict[str, Callable], names: list[str], tokens: int, d_in: int, d_out: int, train: bool):
-    x = torch.randn(1, tokens, d_in)  # (batch, tokens, features); the layers flatten the leading axes
-    g = torch.randn(1, tokens, d_out)
+def runners_for(
+    variants: dict[str, Callable], names: list[str], tokens: int, d_in: int, d_out: int, train: bool,
+    autocast: bool = False,
+):
+    """One runner per variant; ``autocast``: bfloat16 activations under CPU bfloat16 autocast (float32 weights)."""
+    dtype = torch.bfloat16 if autocast else torch.float32
+    x = torch.randn(1, tokens, d_in, dtype=dtype)  # (batch, tokens, features); the layers flatten the leading axes
+    g = torch.randn(1, tokens, d_out, dtype=dtype)
     if train:
         x.requires_grad_(True)
 
@@ -131,7 +136,9 @@ def runners_for(variants: dict[str, Callable], names: list[str], tokens: int, d_
         if train:
 
             def step() -> None:
-                f(x).backward(g)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    y = f(x)
+                y.backward(g.to(y.dtype))
                 x.grad = None
 
             return step
@@ -235,6 +242,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 "fold_faster_wall": stats["fold"]["median_ms"] < stats["factored"]["median_ms"],
                 "fold_faster_cpu": stats["fold"]["cpu_median_ms"] < stats["factored"]["cpu_median_ms"],
             }
+            if train:
+                # Operators only: what a mixed-precision GPU step runs (CPU bfloat16 timings would say nothing).
+                amp = runners_for(variants, names, tokens, d_in, d_out, train=True, autocast=True)
+                entry["train_autocast_ops"] = {n: count_ops(r) for n, r in amp.items()}
             log(
                 f"{d_in}->{d_out} {regime}: "
                 + ", ".join(f"{n} {s['median_ms']:.2f}/{s['cpu_median_ms']:.2f}" for n, s in stats.items())
@@ -291,10 +302,10 @@ def markdown(report: dict, names: list[str]) -> str:
     for e in report["shapes"]:
         lines += [f"## {e['d_in']} -> {e['d_out']}", ""]
         lines += [
-            "| variant | train (fwd+bwd) | x base | ops | infer (no grad) | x base | ops |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| variant | train (fwd+bwd) | x base | ops | infer (no grad) | x base | ops | ops, train, bf16 autocast |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        tr, inf = e["train"]["stats"], e["infer"]["stats"]
+        tr, inf, amp = e["train"]["stats"], e["infer"]["stats"], e["train_autocast_ops"]
         for n in names:
 
             def cell(s: dict) -> str:
@@ -310,7 +321,8 @@ def markdown(report: dict, names: list[str]) -> str:
                 return f"{s['aten_ops']} ({s['kernel_ops']})"
 
             lines.append(
-                f"| {n} | {cell(tr[n])} | {rel(tr)} | {ops(tr[n])} | {cell(inf[n])} | {rel(inf)} | {ops(inf[n])} |"
+                f"| {n} | {cell(tr[n])} | {rel(tr)} | {ops(tr[n])} | {cell(inf[n])} | {rel(inf)} | {ops(inf[n])} "
+                f"| {ops(amp[n])} |"
             )
         lines.append("")
         for regime in ("train", "infer"):

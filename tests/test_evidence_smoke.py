@@ -156,3 +156,41 @@ def test_report_renders_the_smoke_run_as_a_smoke_run(study, tmp_path):
     assert "147,520" in page and "147,456" in page
     png = tmp_path / "docs" / "img" / "results_accuracy.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_flags_missing_seeds_and_tabulates_every_run(study, tmp_path):
+    import statistics
+
+    one_seed = json.loads(json.dumps(study))
+    one_seed["kind"], one_seed["config"]["quick"], one_seed["config"]["seeds"] = "study", False, [0, 1, 2]
+    three_seeds = json.loads(json.dumps(one_seed))
+    for row in three_seeds["summary"]:
+        row["test_acc"] = [0.84, 0.85, 0.86] if row["method"] == "alore_seq" else [0.80, 0.81, 0.82]
+        row["test_acc_mean"], row["test_acc_std"] = statistics.mean(row["test_acc"]), statistics.stdev(row["test_acc"])
+    paths = {}
+    for name, res in (("one", one_seed), ("three", three_seeds)):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(res))
+    report = _load("report")
+
+    ablation = tmp_path / "ablation.json"
+    ablation.write_text(json.dumps(study))  # one seed, as an ablation run is
+    notes = tmp_path / "notes.md"
+    notes.write_text("**What the runs say.** Written by a person.\n")
+    page = report.main(
+        [
+            "--results", str(paths["one"]), "--extra", f"Three seeds={paths['three']}",
+            "--ablation", str(ablation), "--notes", str(notes), "--out", str(tmp_path / "a"),
+        ]
+    ).read_text()  # fmt: skip
+    assert page.index("Written by a person") < page.index("## Setup")  # under the title and the banner
+    assert "## Ablation" in page and "no seed-to-seed spread is known for these variants" in page
+    assert "Incomplete run" in page and "dinov2/lora: 1" in page  # one seed of the three asked for
+    # the across-runs table: ALoRE seq 85 +- 1 vs LoRA 81 +- 1 -> +4.00 points, combined std sqrt(2)
+    assert "| Three seeds |" in page and "+4.00 ± 1.41 (3 seeds)" in page
+    assert "larger than the seed-to-seed spread" in page
+    png = tmp_path / "a" / "img" / "results_accuracy_extra1.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    complete = report.main(["--results", str(paths["three"]), "--out", str(tmp_path / "b")]).read_text()
+    assert "Incomplete run" not in complete and "at a glance" not in complete

@@ -119,6 +119,27 @@ def test_paths_agree_without_gradients(kind, mode):
         torch.testing.assert_close(outs[path], outs["factored"], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind,mode,path", CASES)
+def test_float32_adapter_under_bfloat16_autocast_matches_kron(kind, mode, path):
+    # The usual mixed-precision setup: float32 adapter, bfloat16 activations, autocast on.
+    layer = _layer(kind, mode, path, torch.float32)
+    x = _input(kind, torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    _close(out, _reference(layer, x), torch.bfloat16)
+    if kind == "linear":
+        # The adapter skips casting x to float32 under autocast (the matmuls cast it back to bfloat16):
+        # bit for bit what casting first gives.
+        A, B, C = layer.factors("default")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            skipped = layer._adapter_out("default", x.detach())
+            cast_first = F.apply(x.detach().float(), A, B, C, layer.scaling["default"])
+        assert torch.equal(skipped, cast_first.to(torch.bfloat16))
+    (grad_x,) = torch.autograd.grad(out.float().sum(), [x])
+    assert grad_x.dtype == torch.bfloat16 and torch.isfinite(grad_x).all()
+
+
 @pytest.mark.parametrize("tokens,grad", [(2, False), (4096, False), (2, True), (4096, True)])
 def test_auto_path_follows_the_flop_model(tokens, grad):
     layer = _layer("linear", "parallel", "auto", torch.float32)
@@ -252,4 +273,8 @@ def test_bench_layer_quick_writes_json_and_table(tmp_path, monkeypatch, keep_thr
     for regime in ("train", "infer"):
         assert set(entry[regime]["stats"]) >= {"base", "factored", "fold", "auto", "lora_r"}
         assert isinstance(entry[regime]["prefer_fold"], bool)
+    amp = entry["train_autocast_ops"]
+    for name, stats in entry["train"]["stats"].items():
+        # autocast adds casts of the float32 weights: never fewer operators than in float32
+        assert amp[name]["kernel_ops"] >= stats["kernel_ops"] > 0, name
     assert "| factored |" in (tmp_path / "bench_layer.md").read_text()

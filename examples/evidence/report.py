@@ -101,26 +101,87 @@ def _verdict(a: dict | None, b: dict | None, strict: bool) -> str:
     return text + ")"
 
 
+# (backbone, ALoRE variant, compared method, strictly better?, the goal in words)
+GOALS = [
+    ("dinov2", "alore_seq", "lora", False, "ALoRE (sequential, paper placement) >= LoRA at the same budget"),
+    ("dinov2", "alore_seq", "linear", True, "ALoRE (sequential) > linear probe"),
+    ("dinov2", "alore_seq", "full", False, "ALoRE (sequential) >= full fine-tuning"),
+    ("dinov2", "alore_par", "lora", False, "ALoRE (parallel on q, v) >= LoRA on q, v"),
+    ("dinov2", "alore_seq", "lokr", False, "ALoRE (sequential) >= LoKr at the same budget"),
+    ("mobilenet_v2", "alore_par", "lora", False, "MobileNetV2: ALoRE (parallel) >= LoRA, same convs, same budget"),
+    ("mobilenet_v2", "alore_seq", "lora", False, "MobileNetV2: ALoRE (sequential, 93 % of the budget) >= LoRA"),
+    ("mobilenet_v2", "alore_seq", "linear", True, "MobileNetV2: ALoRE (sequential) > linear probe"),
+]
+
+
 def goal_lines(summary: list[dict], measured_only: bool = False) -> list[str]:
     rows = {(r["backbone"], r["method"]): r for r in summary}
     lines = []
-    goals = [
-        ("dinov2", "alore_seq", "lora", False, "ALoRE (sequential, paper placement) >= LoRA at the same budget"),
-        ("dinov2", "alore_seq", "linear", True, "ALoRE (sequential) > linear probe"),
-        ("dinov2", "alore_seq", "full", False, "ALoRE (sequential) >= full fine-tuning"),
-        ("dinov2", "alore_par", "lora", False, "ALoRE (parallel on q, v) >= LoRA on q, v"),
-        ("dinov2", "alore_seq", "lokr", False, "ALoRE (sequential) >= LoKr at the same budget"),
-        ("mobilenet_v2", "alore_par", "lora", False, "MobileNetV2: ALoRE (parallel) >= LoRA, same convs, same budget"),
-        ("mobilenet_v2", "alore_seq", "lora", False, "MobileNetV2: ALoRE (sequential, 93 % of the budget) >= LoRA"),
-        ("mobilenet_v2", "alore_seq", "linear", True, "MobileNetV2: ALoRE (sequential) > linear probe"),
-    ]
-    for backbone, a, b, strict, text in goals:
+    for backbone, a, b, strict, text in GOALS:
         wanted = ((backbone, a) in rows and (backbone, b) in rows) if measured_only else (
             (backbone, a) in rows or (backbone, b) in rows
         )
         if wanted:
             lines.append(f"- {text}: {_verdict(rows.get((backbone, a)), rows.get((backbone, b)), strict)}.")
     return lines
+
+
+def _gap(a: dict | None, b: dict | None) -> str:
+    """One cell of the across-runs table: the mean gap in points, with the seeds' spread when known."""
+    if not a or not b or a["test_acc_mean"] is None or b["test_acc_mean"] is None:
+        return ""
+    diff = 100 * (a["test_acc_mean"] - b["test_acc_mean"])
+    na, nb = len(a["test_acc"]), len(b["test_acc"])
+    seeds = f"{na} seed{'s' * (na > 1)}" if na == nb else f"{na} vs {nb} seeds"
+    if a["test_acc_std"] is None or b["test_acc_std"] is None:
+        return f"{diff:+.2f} ({seeds})"
+    noise = 100 * math.sqrt(a["test_acc_std"] ** 2 + b["test_acc_std"] ** 2)
+    return f"{diff:+.2f} ± {noise:.2f} ({seeds})"
+
+
+def across_runs_table(runs: list[tuple[str, list[dict]]]) -> list[str]:
+    """Every goal (rows) on every run (columns): mean test-accuracy gap in points."""
+    lines = ["| goal | " + " | ".join(name for name, _ in runs) + " |", "|---|" + "---:|" * len(runs)]
+    for backbone, a, b, _, text in GOALS:
+        cells = []
+        for _, summary in runs:
+            rows = {(r["backbone"], r["method"]): r for r in summary}
+            cells.append(_gap(rows.get((backbone, a)), rows.get((backbone, b))))
+        if any(cells):
+            lines.append(f"| {text} | " + " | ".join(c or "not run" for c in cells) + " |")
+    return lines
+
+
+def incomplete_banner(res: dict, extras: list[tuple[str, dict]] | None = None) -> list[str]:
+    """A warning computed from the JSON when runs were skipped or methods have fewer seeds than asked for."""
+    asked = len(res["config"]["seeds"])
+    short = [r for r in res["summary"] if len(r["test_acc"]) < asked]
+    skipped = res.get("skipped") or []
+    if not short and not skipped:
+        return []
+    several = [f"*{name}*" for name, extra in extras or [] if len(extra["config"]["seeds"]) > 1]
+    parts = []
+    if skipped:
+        parts.append(f"{len(skipped)} planned run(s) did not start (past `--stop-after-s`; listed under *Goal vs "
+                     "measured*)")
+    if short:
+        parts.append(
+            f"{len(short)} of {len(res['summary'])} methods have fewer test results than the {asked} seeds asked for ("
+            + ", ".join(f"{r['backbone']}/{r['method']}: {len(r['test_acc'])}" for r in short)
+            + ")"
+        )
+    return [
+        "> **Incomplete run.** " + "; ".join(parts) + ". Where a method has one seed no seed-to-seed spread is "
+        "known, and gaps of about 1 point are within the test set's own standard error (about 0.9 points at 80 % "
+        "on 2,000 images): read those verdicts as indications."
+        + (
+            f" The runs with several seeds further down ({'; '.join(several)}) measure that spread; "
+            "*Every run at a glance* sets every run's verdicts side by side."
+            if several
+            else ""
+        ),
+        "",
+    ]
 
 
 def plot(summary: list[dict], path: Path, title: str) -> None:
@@ -143,9 +204,9 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
         ax.invert_yaxis()
         lo = min(means) - max(errs + [0]) - 5 if means else 0
         ax.set_xlim(max(0, lo), 100)
-        for yi, r, m in zip(y, rows, means):
+        for yi, r, m, e in zip(y, rows, means, errs):
             params = "head only" if r["method"] == "linear" else f"{r['trainable_params'] / 1e6:.3g}M"
-            ax.text(m + 0.3, yi, f"{m:.1f}  ({params})", va="center", fontsize=8)
+            ax.text(m + e + 0.5, yi, f"{m:.1f}  ({params})", va="center", fontsize=8)  # right of the error bar
         ax.set_xlabel("test accuracy % (mean ± std over seeds)")
         ax.set_title(BACKBONE_TITLES[backbone], fontsize=10)
     fig.suptitle(title, fontsize=11)
@@ -208,8 +269,26 @@ def _setup_lines(res: dict) -> list[str]:
     ]
 
 
+def _run_line(run: dict) -> str:
+    """How a run was made, from its JSON: size, epochs, seeds, settings, machine, time, command."""
+    cfg, env = run["config"], run["environment"]
+    grids = "; ".join(f"{k}: " + " | ".join(map(_hp, v)) for k, v in cfg["grids"].items())
+    text = (
+        f"{cfg['image_size']} px, {cfg['epochs']} epochs, seeds {cfg['seeds']}, grid `{cfg.get('grid_mode')}` "
+        f"({grids}), on {env['device_name']} ({env['device']}, {env['torch_threads']} thread(s)), "
+        f"{run.get('elapsed_s', 0) / 60:.0f} min. Command: `{run.get('command')}`."
+    )
+    if env["device"] == "cpu":
+        text += (
+            " Its epoch times come from a shared CPU whose load changed between runs: they do not compare the "
+            "methods' speed."
+        )
+    return text
+
+
 def render(res: dict, ablation: dict | None = None, extras: list[tuple[str, dict]] | None = None,
-           out_dir: Path = Path("docs"), results_path: str = "RESULTS.json") -> str:
+           out_dir: Path = Path("docs"), results_path: str = "RESULTS.json", notes: str | None = None,
+           notes_path: str = "NOTES.md") -> str:
     """Write the PNG(s) and return the Markdown page."""
     quick = res["config"].get("quick") or res.get("kind") == "quick"
     summary = res["summary"]
@@ -232,6 +311,10 @@ def render(res: dict, ablation: dict | None = None, extras: list[tuple[str, dict
             ),
             "",
         ]
+    else:
+        lines += incomplete_banner(res, extras)
+    if notes:
+        lines += [notes.strip(), ""]
     lines += [
         "Regime: VTAB-1k style (800 training images, 200 validation images for model selection, a fixed balanced "
         "test subset) on real images and real pretrained backbones, all offline. Adapter budgets are matched: on "
@@ -265,6 +348,18 @@ def render(res: dict, ablation: dict | None = None, extras: list[tuple[str, dict
             + "; ".join(f"{s['backbone']}/{s['method']} seed {s['seed']} {_hp(s['hparams'])}" for s in res["skipped"]),
             "",
         ]
+    if extras:
+        main_name = f"{res['environment']['device_name']}, {res['config']['image_size']} px (top of this page)"
+        lines += [
+            "## Every run at a glance",
+            "",
+            "Every goal on every run of this page (the other runs have their own sections below): the mean "
+            "test-accuracy gap in points, ALoRE minus the method it is compared with (positive favours ALoRE), "
+            "with the seeds' combined std where a run has several seeds:",
+            "",
+            *across_runs_table([(main_name, summary)] + [(n, e["summary"]) for n, e in extras]),
+            "",
+        ]
     lines += ["## Model selection (validation accuracy of every setting, seed 0)", ""]
     for backbone, title_b in BACKBONE_TITLES.items():
         rows = [r for r in summary if r["backbone"] == backbone]
@@ -275,34 +370,40 @@ def render(res: dict, ablation: dict | None = None, extras: list[tuple[str, dict
         lines += [
             "## Ablation: ALoRE variants on DINOv2-S",
             "",
-            f"Same protocol ({ablation['config']['epochs']} epochs, seeds {ablation['config']['seeds']}, the same grid "
-            "per variant, selected on validation). Command: "
-            f"`{ablation.get('command')}`.",
+            "Variants of the sequential ALoRE at the paper's placement, with LoRA as the reference: "
+            + _run_line(ablation)
+            + (
+                " One seed: no seed-to-seed spread is known for these variants; read their gaps against the "
+                "spread of the several-seed runs on this page."
+                if len(ablation["config"]["seeds"]) == 1
+                else ""
+            ),
             "",
             *method_table(ab_rows),
             "",
         ]
-    for name, extra in extras or []:
+    for number, (name, extra) in enumerate(extras or [], start=1):
         cfg = extra["config"]
         env = extra["environment"]
+        image = f"results_accuracy_extra{number}.png"
+        plot(extra["summary"], out_dir / "img" / image, name)
+        seeds = len(cfg["seeds"])
+        spread = (
+            f"{seeds} seeds: each verdict gives the gap's mean and whether it exceeds the seeds' combined std"
+            if seeds > 1
+            else "one seed, so no seed-to-seed spread is known"
+        )
         lines += [
             f"## {name}",
             "",
-            f"A reduced run, not the study: {cfg['image_size']} px, {cfg['epochs']} epochs, seeds {cfg['seeds']}, "
-            f"grid `{cfg.get('grid_mode')}` ({'; '.join(f'{k}: {_hp(v[0])}' for k, v in cfg['grids'].items())}), on "
-            f"{env['device_name']} ({env['device']}, {env['torch_threads']} thread(s)), "
-            f"{extra.get('elapsed_s', 0) / 60:.0f} min. Command: `{extra.get('command')}`."
-            + (
-                " Its epoch times come from a shared CPU whose load changed between runs: they do not compare "
-                "the methods' speed."
-                if env["device"] == "cpu"
-                else ""
-            ),
+            f"A reduced run, not the study: {_run_line(extra)}",
             "",
             *method_table(extra["summary"]),
             "",
-            "The same comparisons on this run (one seed, so no seed-to-seed spread is known; the 2,000-image test "
-            "set alone gives a binomial standard error of about 0.9 points at 80 % accuracy):",
+            f"![test accuracy per method, {name}](img/{image})",
+            "",
+            f"The same comparisons on this run ({spread}; the 2,000-image test set alone gives a binomial standard "
+            "error of about 0.9 points at 80 % accuracy):",
             "",
             *goal_lines(extra["summary"], measured_only=True),
             "",
@@ -325,6 +426,7 @@ def render(res: dict, ablation: dict | None = None, extras: list[tuple[str, dict
         f"{res.get('command')}",
         f"python examples/evidence/report.py --results {results_path} --out docs"
         + (f" --ablation {ablation.get('_path')}" if ablation else "")
+        + (f" --notes {notes_path}" if notes else "")
         + "".join(f' --extra "{n}={e.get("_path")}"' for n, e in (extras or [])),
         "```",
         "",
@@ -339,6 +441,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--results", required=True, help="results.json from study.py")
     parser.add_argument("--ablation", default=None, help="ablation.json from study.py --ablation")
     parser.add_argument("--extra", action="append", default=[], help="'Section title=path.json' for an extra run")
+    parser.add_argument("--notes", default=None, help="a Markdown file (what the numbers mean) placed under the title")
     parser.add_argument("--out", default="docs", help="docs folder: writes results.md and img/")
     args = parser.parse_args(argv)
     res = json.loads(Path(args.results).read_text())
@@ -355,7 +458,8 @@ def main(argv: list[str] | None = None) -> Path:
         extra["_path"] = path
         extras.append((name, extra))
     out = Path(args.out)
-    page = render(res, ablation, extras, out, args.results)
+    notes = Path(args.notes).read_text() if args.notes else None
+    page = render(res, ablation, extras, out, args.results, notes, args.notes)
     (out / "results.md").write_text(page)
     print(f"wrote {out / 'results.md'} and {out / 'img' / PLOT_NAME}")
     return out / "results.md"

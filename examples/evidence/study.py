@@ -36,6 +36,9 @@ Usage::
     # a reduced CPU run: 56 px, 6 epochs, one seed, each method's first setting
     python examples/evidence/study.py --bundle .evidence_bundle --device cpu --out OUT --image-size 56 \
         --epochs 6 --grid first --seeds 0 --methods dinov2:linear,alore_seq,lora --threads 1
+    # three seeds on a CPU at fixed settings (e.g. those a GPU grid selected on validation)
+    python examples/evidence/study.py --bundle .evidence_bundle --device cpu --out OUT --image-size 56 \
+        --epochs 6 --setting lr=3e-3,scale=4 --full-lr 3e-5 --methods dinov2 --threads 2
 
 ``--ablation`` runs ALoRE variants on DINOv2 instead (experts vs rank at a fixed
 budget, rule initialisation, per-layer rules, placement; see ``ABLATIONS``).
@@ -647,7 +650,7 @@ def run_study(args: argparse.Namespace) -> dict:
         "seeds": seeds,
         "grids": {},
         "quick": quick,
-        "grid_mode": "first" if quick else ("setting" if args.setting else args.grid),
+        "grid_mode": "first" if quick else ("setting" if args.setting or args.full_lr is not None else args.grid),
         "ablation": bool(args.ablation),
     }
     manifest = read_manifest(args.bundle)
@@ -722,6 +725,8 @@ def run_study(args: argparse.Namespace) -> dict:
                 grid = GRIDS.get(base_method, ADAPTER_GRID)
                 if args.setting and "scale" in grid[0]:
                     grid = [args.setting]
+                if args.full_lr is not None and base_method == "full":
+                    grid = [{"lr": args.full_lr}]
                 grids[f"{backbone}/{method}"] = grid[:1] if quick or args.grid == "first" else grid
         cfg["grids"] = grids
 
@@ -894,6 +899,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_parse_setting,
         default=None,
         help="e.g. lr=3e-3,scale=4: the only setting of every adapter method (replaces its grid)",
+    )
+    parser.add_argument(
+        "--full-lr",
+        type=float,
+        default=None,
+        help="e.g. 3e-5: the only backbone lr of full fine-tuning (replaces its grid)",
     )
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--eval-batch", type=int, default=256)

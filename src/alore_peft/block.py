@@ -446,9 +446,7 @@ class AloreBlock(nn.Module, AloreLayer):
                     f"received a tensor of shape {tuple(x.shape)}. Target a container whose input that layer reads, "
                     "or its Linear layers directly."
                 )
-            h = x + sum(self._adapter_out(a, x) for a in active)
-        else:
-            h = x
+        h = self._with_sequential(x, active)
         if key is None:
             args = (h,) + args[1:]
         else:

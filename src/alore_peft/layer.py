@@ -187,13 +187,25 @@ class AloreLayer(BaseTunerLayer):
     def _adapter_out(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """``s * dW x`` along the feature axis, factored (``dW`` is never built)."""
         A, B, C = self.factors(adapter_name)
-        h = self.alore_dropout[adapter_name](x.to(B.dtype))
+        # Under autocast the matmuls pick their own dtype: casting x to the factors' dtype
+        # first would only add two passes over it (bfloat16 -> float32 -> bfloat16, exact).
+        h = x if torch.is_autocast_enabled(x.device.type) else x.to(B.dtype)
+        dropout = self.alore_dropout[adapter_name]
+        if not isinstance(dropout, nn.Identity):
+            h = dropout(h)
         if self._feature_dim != -1:
             h = h.movedim(self._feature_dim, -1)  # (..., features)
         out = F.apply(h, A.to(B.dtype), B, C, self.scaling[adapter_name])
         if self._feature_dim != -1:
             out = out.movedim(-1, self._feature_dim)
         return out.to(x.dtype)
+
+    def _with_sequential(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        """``x + s dW x`` summed over the sequential adapters (no ``sum()``: its leading ``0 +`` is one more pass)."""
+        h = x
+        for name in adapter_names:
+            h = h + self._adapter_out(name, x)
+        return h
 
     def _use_fold(self, adapter_name: str, x: torch.Tensor) -> bool:
         path = self.compute_path[adapter_name]
@@ -220,13 +232,13 @@ class AloreLayer(BaseTunerLayer):
         if not par:
             if not seq:
                 return self.base_layer(x, *args, **kwargs)
-            return self.base_layer(x + sum(self._adapter_out(a, x) for a in seq), *args, **kwargs)
+            return self.base_layer(self._with_sequential(x, seq), *args, **kwargs)
         if not seq and len(par) == 1 and self._use_fold(par[0], x):
             # One matmul with W + s dW: the per-token cost of the base layer alone.
             weight = self.get_base_layer().weight
             delta = self.get_delta_weight(par[0]).to(weight.dtype).reshape(weight.shape)
             return self._forward_with_weight(x, weight + delta)
-        h = x + sum(self._adapter_out(a, x) for a in seq) if seq else x
+        h = self._with_sequential(x, seq)
         result = self.base_layer(h, *args, **kwargs)
         for a in par:
             result = result + self._parallel_out(a, x)
