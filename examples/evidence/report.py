@@ -286,10 +286,11 @@ def _run_line(run: dict) -> str:
     return text
 
 
-def render(res: dict, ablation: dict | None = None, extras: list[tuple[str, dict]] | None = None,
+def render(res: dict, ablations: list[dict] | None = None, extras: list[tuple[str, dict]] | None = None,
            out_dir: Path = Path("docs"), results_path: str = "RESULTS.json", notes: str | None = None,
            notes_path: str = "NOTES.md") -> str:
     """Write the PNG(s) and return the Markdown page."""
+    ablations = ablations or []
     quick = res["config"].get("quick") or res.get("kind") == "quick"
     summary = res["summary"]
     title = "SMOKE RUN (study.py --quick): not results" if quick else "Test accuracy, Fashion-MNIST 1k regime"
@@ -365,13 +366,17 @@ def render(res: dict, ablation: dict | None = None, extras: list[tuple[str, dict
         rows = [r for r in summary if r["backbone"] == backbone]
         if rows:
             lines += [f"**{title_b}**", "", *grid_table(rows), ""]
-    if ablation:
-        ab_rows = ablation["summary"]
+    if ablations:
         lines += [
             "## Ablation: ALoRE variants on DINOv2-S",
             "",
-            "Variants of the sequential ALoRE at the paper's placement, with LoRA as the reference: "
-            + _run_line(ablation)
+            "Variants of the sequential ALoRE (the paper's placement unless the row says otherwise), with LoRA as "
+            "the reference where a run has it.",
+            "",
+        ]
+    for ablation in ablations:
+        lines += [
+            _run_line(ablation)
             + (
                 " One seed: no seed-to-seed spread is known for these variants; read their gaps against the "
                 "spread of the several-seed runs on this page."
@@ -379,7 +384,7 @@ def render(res: dict, ablation: dict | None = None, extras: list[tuple[str, dict
                 else ""
             ),
             "",
-            *method_table(ab_rows),
+            *method_table(ablation["summary"]),
             "",
         ]
     for number, (name, extra) in enumerate(extras or [], start=1):
@@ -425,7 +430,7 @@ def render(res: dict, ablation: dict | None = None, extras: list[tuple[str, dict
         "```bash",
         f"{res.get('command')}",
         f"python examples/evidence/report.py --results {results_path} --out docs"
-        + (f" --ablation {ablation.get('_path')}" if ablation else "")
+        + "".join(f" --ablation {a.get('_path')}" for a in ablations)
         + (f" --notes {notes_path}" if notes else "")
         + "".join(f' --extra "{n}={e.get("_path")}"' for n, e in (extras or [])),
         "```",
@@ -439,16 +444,17 @@ def render(res: dict, ablation: dict | None = None, extras: list[tuple[str, dict
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", required=True, help="results.json from study.py")
-    parser.add_argument("--ablation", default=None, help="ablation.json from study.py --ablation")
+    parser.add_argument(
+        "--ablation", action="append", default=[], help="ablation.json from study.py --ablation (repeatable)"
+    )
     parser.add_argument("--extra", action="append", default=[], help="'Section title=path.json' for an extra run")
     parser.add_argument("--notes", default=None, help="a Markdown file (what the numbers mean) placed under the title")
     parser.add_argument("--out", default="docs", help="docs folder: writes results.md and img/")
     args = parser.parse_args(argv)
     res = json.loads(Path(args.results).read_text())
-    ablation = None
-    if args.ablation:
-        ablation = json.loads(Path(args.ablation).read_text())
-        ablation["_path"] = args.ablation
+    ablations = []
+    for path in args.ablation:
+        ablations.append(json.loads(Path(path).read_text()) | {"_path": path})
     extras = []
     for item in args.extra:
         name, sep, path = item.partition("=")
@@ -459,7 +465,7 @@ def main(argv: list[str] | None = None) -> Path:
         extras.append((name, extra))
     out = Path(args.out)
     notes = Path(args.notes).read_text() if args.notes else None
-    page = render(res, ablation, extras, out, args.results, notes, args.notes)
+    page = render(res, ablations, extras, out, args.results, notes, args.notes)
     (out / "results.md").write_text(page)
     print(f"wrote {out / 'results.md'} and {out / 'img' / PLOT_NAME}")
     return out / "results.md"

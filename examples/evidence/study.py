@@ -113,6 +113,8 @@ ABLATIONS: dict[str, dict] = {
     "alore_seq_normal": {"label": "normal rule init", "placement": "blocks", "rule_init": "normal"},
     "alore_seq_unshared": {"label": "per-layer rules", "placement": "blocks", "share_rules": False},
     "alore_seq_qfc1": {"label": "sequential on q and fc1 Linear inputs", "placement": "q_fc1"},
+    # alore_par's targets in the sequential mode: separates the mode from the targets.
+    "alore_seq_qv": {"label": "sequential on q and v Linear inputs", "placement": "q_v"},
     "lora": {"label": "LoRA r=8 q, v (reference)", "placement": "qv"},
 }
 
@@ -120,6 +122,7 @@ ABLATIONS: dict[str, dict] = {
 PLACEMENTS = {
     "blocks": "block input of attention and MLP",
     "q_fc1": "inputs of q_proj and fc1 (sequential)",
+    "q_v": "inputs of q_proj and v_proj (sequential)",
     "qv": "q, v (parallel)",
 }
 
@@ -241,6 +244,7 @@ def module_targets(backbone: str, model: nn.Module) -> dict[str, list[str]]:
         }
         targets["qv"] = sorted(targets["q"] + targets["v"])
         targets["q_fc1"] = sorted(targets["q"] + targets["fc1"])
+        targets["q_v"] = targets["qv"]  # the same modules, named apart for the sequential ablation
         layers = model.config.num_hidden_layers
         for key, want in (("q", layers), ("v", layers), ("blocks", 2 * layers), ("fc1", layers)):
             if len(targets[key]) != want:
@@ -285,7 +289,7 @@ def peft_config(backbone: str, method: str, hp: dict, targets: dict, ablation: d
     if method.startswith("alore"):
         ab = ablation or {}
         r, n = ab.get("r", 8), ab.get("n", 4)
-        placement = {"blocks": "blocks", "q_fc1": "q_fc1", "qv": "qv"}.get(ab.get("placement")) if ab else None
+        placement = ab.get("placement")
         return AloreConfig(
             r=r,
             num_experts=n,
