@@ -144,7 +144,7 @@ def runners_for(
             return step
 
         def infer() -> None:
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 f(x)
 
         return infer

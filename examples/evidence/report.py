@@ -82,14 +82,24 @@ def grid_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _difference(a: dict | None, b: dict | None) -> tuple[float, float | None] | None:
+    """``a``'s mean test accuracy minus ``b``'s, and the seeds' combined std when both have one; ``None``
+    when either was not measured."""
+    if not a or not b or a["test_acc_mean"] is None or b["test_acc_mean"] is None:
+        return None
+    diff = a["test_acc_mean"] - b["test_acc_mean"]
+    if a["test_acc_std"] is None or b["test_acc_std"] is None:
+        return diff, None
+    return diff, math.sqrt(a["test_acc_std"] ** 2 + b["test_acc_std"] ** 2)
+
+
 def _verdict(a: dict | None, b: dict | None, strict: bool) -> str:
     """Compare mean test accuracies; say whether the gap is beyond the seeds' spread."""
-    if not a or not b or a["test_acc_mean"] is None or b["test_acc_mean"] is None:
+    measured = _difference(a, b)
+    if measured is None:
         return "not measured"
-    diff = a["test_acc_mean"] - b["test_acc_mean"]
+    diff, noise = measured
     met = diff > 0 if strict else diff >= 0
-    spread = [r["test_acc_std"] for r in (a, b) if r["test_acc_std"] is not None]
-    noise = math.sqrt(sum(s**2 for s in spread)) if len(spread) == 2 else None
     text = (
         f"**{'met' if met else 'not met'}**: {_pct(a['test_acc_mean'])} vs {_pct(b['test_acc_mean'])} "
         f"({100 * diff:+.2f} points"
@@ -128,15 +138,15 @@ def goal_lines(summary: list[dict], measured_only: bool = False) -> list[str]:
 
 def _gap(a: dict | None, b: dict | None) -> str:
     """One cell of the across-runs table: the mean gap in points, with the seeds' spread when known."""
-    if not a or not b or a["test_acc_mean"] is None or b["test_acc_mean"] is None:
+    measured = _difference(a, b)
+    if measured is None:
         return ""
-    diff = 100 * (a["test_acc_mean"] - b["test_acc_mean"])
+    diff, noise = measured
     na, nb = len(a["test_acc"]), len(b["test_acc"])
     seeds = f"{na} seed{'s' * (na > 1)}" if na == nb else f"{na} vs {nb} seeds"
-    if a["test_acc_std"] is None or b["test_acc_std"] is None:
-        return f"{diff:+.2f} ({seeds})"
-    noise = 100 * math.sqrt(a["test_acc_std"] ** 2 + b["test_acc_std"] ** 2)
-    return f"{diff:+.2f} ± {noise:.2f} ({seeds})"
+    if noise is None:
+        return f"{100 * diff:+.2f} ({seeds})"
+    return f"{100 * diff:+.2f} ± {100 * noise:.2f} ({seeds})"
 
 
 def across_runs_table(runs: list[tuple[str, list[dict]]]) -> list[str]:

@@ -191,6 +191,13 @@ def _pick_adapter(layers: Sequence[tuple[str, AloreLayer]], adapter: Optional[st
     return adapter
 
 
+def _adapter_layers(model: nn.Module, adapter: Optional[str]) -> tuple[str, list[tuple[str, AloreLayer]]]:
+    """The adapter (picked as :func:`_pick_adapter` does) and ``(name, layer)`` of every layer holding it."""
+    layers = alore_layers(model)
+    adapter = _pick_adapter(layers, adapter)
+    return adapter, [(name, layer) for name, layer in layers if adapter in layer.alore_B]
+
+
 def _layer_index(name: str) -> Optional[int]:
     """The first numbered path segment (the block index in ``...layers.3.attention.q_proj``)."""
     match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
@@ -212,12 +219,9 @@ def expert_records(model: nn.Module, adapter: Optional[str] = None) -> list[dict
         and ``share`` (the expert's norm over the sum of the layer's norms;
         0 for an all-zero layer).
     """
-    layers = alore_layers(model)
-    adapter = _pick_adapter(layers, adapter)
+    adapter, layers = _adapter_layers(model, adapter)
     records = []
     for name, layer in layers:
-        if adapter not in layer.alore_B:
-            continue
         A, B, C = layer.factors(adapter)
         norms = expert_norms(A, B, C, layer.scaling[adapter])  # (n,)
         total = float(norms.sum())
@@ -253,12 +257,9 @@ def layer_records(model: nn.Module, adapter: Optional[str] = None, rtol: Optiona
         ``effective_rank``, ``numerical_rank`` and ``rank_bound``
         (``min(d_out, d_in, n**2 r)``).
     """
-    layers = alore_layers(model)
-    adapter = _pick_adapter(layers, adapter)
+    adapter, layers = _adapter_layers(model, adapter)
     records = []
     for name, layer in layers:
-        if adapter not in layer.alore_B:
-            continue
         A, B, C = layer.factors(adapter)
         n, r, scale = layer.num_experts[adapter], layer.r[adapter], layer.scaling[adapter]
         delta = F.delta_weight(A.double(), B.double(), C.double(), scale)  # (d_out, d_in)
@@ -292,12 +293,9 @@ def rule_matrices(model: nn.Module, adapter: Optional[str] = None) -> dict[str, 
         ``{"shared": A}`` when the adapter shares its rules across layers,
         otherwise ``{layer_name: A}`` for every layer.
     """
-    layers = alore_layers(model)
-    adapter = _pick_adapter(layers, adapter)
+    adapter, layers = _adapter_layers(model, adapter)
     out: dict[str, torch.Tensor] = {}
     for name, layer in layers:
-        if adapter not in layer.alore_B:
-            continue
         if adapter in layer.alore_A:
             out[name] = layer.alore_A[adapter].detach().clone()
         else:
@@ -430,9 +428,7 @@ def expert_maps(
         ValueError: On unknown layer names, or a token count that does not
             fit the patch grid.
     """
-    all_layers = alore_layers(model)
-    adapter = _pick_adapter(all_layers, adapter)
-    chosen = [(name, layer) for name, layer in all_layers if adapter in layer.alore_B]
+    adapter, chosen = _adapter_layers(model, adapter)
     if layers is not None:
         known = {name for name, _ in chosen}
         unknown = [name for name in layers if name not in known]

@@ -229,10 +229,6 @@ class AloreLayer(BaseTunerLayer):
         active = [a for a in self.active_adapters if a in self.alore_B]
         seq = [a for a in active if self.mode[a] == "sequential"]
         par = [a for a in active if self.mode[a] == "parallel"]
-        if not par:
-            if not seq:
-                return self.base_layer(x, *args, **kwargs)
-            return self.base_layer(self._with_sequential(x, seq), *args, **kwargs)
         if not seq and len(par) == 1 and self._use_fold(par[0], x):
             # One matmul with W + s dW: the per-token cost of the base layer alone.
             weight = self.get_base_layer().weight
