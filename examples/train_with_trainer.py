@@ -47,7 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Trainer:
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after N steps (-1: use --epochs)")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--learning-rate", type=float, default=TrainArgs.learning_rate, help="peak learning rate (default %(default)g, alore-train's)")
     parser.add_argument("--cpu", action="store_true", help="train on CPU even if a GPU is present")
     parser.add_argument("--seed", type=int, default=42)
     options = parser.parse_args(argv)
