@@ -179,7 +179,7 @@ def figure_ground(backbone: Path, adapter: Path, images: Path, layers: list[str]
     from PIL import Image
     from transformers import AutoImageProcessor, Dinov2ForImageClassification
 
-    from alore_peft import inspect as insp
+    from alore_peft import experts as insp
 
     files = sorted(images.glob("*.png"))
     transformers.logging.set_verbosity_error()  # the "missing head" report: the adapter brings the head

@@ -14,7 +14,7 @@ from transformers import ViTForImageClassification
 
 from alore_peft import AloreConfig
 from alore_peft import functional as F
-from alore_peft import inspect as insp
+from alore_peft import experts as insp
 from alore_peft.cli import main
 
 from .models import tiny_vit

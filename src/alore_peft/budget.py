@@ -225,7 +225,7 @@ def adapted_shapes(
     shapes = []
     for name, module in peft_model.base_model.model.named_modules():
         if isinstance(module, AloreLayer):
-            d_out, d_in = module._delta_shape(mode)
+            d_out, d_in = module.delta_shape(mode)
             shapes.append(LayerShape(name, d_out, d_in))
     resolved = peft_model.peft_config["default"].target_modules
     return shapes, resolved

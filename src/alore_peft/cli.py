@@ -308,7 +308,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from . import inspect as insp
+    from . import experts as insp
 
     out = Path(args.out)
     images = _collect_images(args.images or [])

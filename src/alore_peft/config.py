@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
@@ -64,11 +65,15 @@ class AloreConfig(PeftConfig):
             non-identity adapter for tests.
         rule_init: How rule matrices start: ``"orthogonal"`` (default; unit
             singular values, different per expert) or ``"normal"``.
-        compute_path: ``"auto"`` picks per call between ``"factored"`` (never
-            builds ``dW``: two thin matmuls, the cost of a LoRA of rank
-            ``n * r``) and ``"fold"`` (parallel mode only: builds ``dW`` once per
-            call and adds it to the weight, cheapest for inference on many
-            tokens).
+        compute_path: ``"auto"`` (default): linear layers and blocks run
+            ``"factored"`` while training (``dW`` never built: two token-sized
+            matmuls per adapter), convolutions fold; in eval mode with
+            gradients off every layer serves from its folded weights,
+            ``W (I + s dW)`` or ``W + s dW``, cached until a weight changes (the
+            merged model's cost, for one extra copy of each adapted weight).
+            ``"factored"``: never fold, never cache (convolutions in parallel
+            mode still apply ``dW`` as a kernel). ``"fold"``: always fold,
+            also while training.
     """
 
     r: int = field(default=4, metadata={"help": "Rank of each expert's low-rank factor."})
@@ -112,9 +117,10 @@ class AloreConfig(PeftConfig):
                 f"AloreConfig.num_experts must be a positive integer that divides the adapted dimensions, got "
                 f"num_experts={self.num_experts!r}; try num_experts=4."
             )
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha != self.alpha:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
             raise ValueError(
-                f"AloreConfig.alpha must be a number (the update is scaled by alpha / r), got alpha={self.alpha!r}."
+                f"AloreConfig.alpha must be a finite number (the update is scaled by alpha / r), got "
+                f"alpha={self.alpha!r}; try alpha=4.0."
             )
         self.alpha = float(self.alpha)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
@@ -128,11 +134,6 @@ class AloreConfig(PeftConfig):
                 raise ValueError(
                     f"AloreConfig.{name} must be one of {', '.join(repr(a) for a in allowed)}, got {name}={value!r}."
                 )
-        if self.compute_path == "fold" and self.mode == "sequential":
-            raise ValueError(
-                "AloreConfig.compute_path='fold' folds dW into the target's weight, which only the 'parallel' mode "
-                "can do per call; use compute_path='auto' or 'factored' with mode='sequential'."
-            )
         for name in ("share_rules", "init_weights", "inference_mode"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"AloreConfig.{name} must be True or False, got {name}={getattr(self, name)!r}.")

@@ -26,25 +26,55 @@ Index convention (``q_in = d_in / n``, ``q_out = d_out / n``)::
 so splitting an input vector into ``n`` blocks ``x = [x_0 ... x_{n-1}]`` of
 ``q_in`` features, block ``p`` of the output is
 ``sum_i sum_j A_i[p, j] * M_i @ x_j``.
+
+**The fold.** Every path here rests on one rearrangement: the rules fold into
+the up factors,
+
+    Bf[(p, a), (j, i, r)] = A[i, p, j] * B[i, a, r]          # (d_out, n * n * r)
+
+and ``dW = Bf @ V`` with ``V`` the block-diagonal matrix that applies every
+expert's ``C[i]`` to every input block ``j``. So ``dW x`` is two token-sized
+matmuls, ``z = blocks(x) @ C.view(n * r, q_in).T`` then ``z.view(T, n*n*r) @
+Bf.T``, with no copy or permutation of a per-token tensor in between
+(:func:`apply`); a weight folds in as ``W @ dW = (W @ Bf) @ V`` without ever
+building the ``d_in x d_in`` update (:func:`folded_weight`).
 """
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
+from torch.nn.functional import linear as nn_linear
 
 __all__ = [
+    "Factors",
     "delta_weight",
+    "fold_rules",
     "apply",
-    "linear_with_delta",
+    "linear",
+    "folded_weight",
     "reference_delta_weight",
+    "merge_weight",
+    "unmerge_weight",
+    "check_invertible",
+    "init_rules",
+    "valid_num_experts",
+    "delta_shape",
+    "rank_bound",
+    "expert_parameters",
+    "rule_parameters",
     "factored_flops",
     "fold_flops",
     "prefer_fold",
-    "valid_num_experts",
-    "merge_weight",
-    "unmerge_weight",
-    "init_rules",
+    "expert_outputs",
+    "expert_norms",
+    "effective_rank",
+    "numerical_rank",
 ]
+
+# (A, B, C, scale): one adapter's factors and scale, as layers hand them over.
+Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]
 
 
 def _check(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> tuple[int, int, int, int]:
@@ -60,11 +90,43 @@ def _check(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> tuple[int, int,
     return n, B.shape[2], B.shape[1], C.shape[2]
 
 
+# -- the fold ------------------------------------------------------------------
+def _fold_views(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A`` and ``B`` as broadcast views on the fold's index ``(p, a, j, i, r)``, no copy."""
+    n, q_out, r = B.shape
+    if torch.compiler.is_compiling():  # the compiler traces permutes, not raw strides
+        return A.permute(1, 2, 0)[:, None, :, :, None], B.permute(1, 0, 2)[None, :, None, :, :]
+    # One op each in eager mode, where a GPU pays per operator.
+    shape = (n, q_out, n, n, r)
+    a_view = A.as_strided(shape, (A.stride(1), 0, A.stride(2), A.stride(0), 0), A.storage_offset())
+    b_view = B.as_strided(shape, (0, B.stride(1), 0, B.stride(0), B.stride(2)), B.storage_offset())
+    return a_view, b_view
+
+
+def fold_rules(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """The rules folded into the up factors, ``Bf[(p, a), (j, i, r)] = A[i, p, j] * B[i, a, r]``.
+
+    ``dW x`` is then ``Bf`` applied to ``x``'s blocks projected by every
+    expert's ``C`` (see the module docstring).
+
+    Args:
+        A: Rule matrices, ``(n, n, n)``.
+        B: Up factors, ``(n, d_out / n, r)``.
+
+    Returns:
+        ``(d_out, n * n * r)`` in ``B``'s dtype.
+    """
+    n, q_out, r = B.shape
+    a_view, b_view = _fold_views(A.to(B.dtype), B)
+    return (a_view * b_view).reshape(n * q_out, n * n * r)  # (d_out, n_j * n_i * r)
+
+
 def delta_weight(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """Build the dense update ``dW = scale * sum_i kron(A[i], B[i] @ C[i])``.
 
-    Cost: ``d_out * d_in * (r / n + n)`` multiply-adds. Use it once per
-    optimiser step or at merge time, never per token.
+    ``dW = Bf @ V``: one matmul of ``d_out * d_in * n * r`` multiply-adds
+    after the fold. Use it once per optimiser step or at merge time, never
+    per token.
 
     Args:
         A: Rule matrices, ``(n, n, n)``.
@@ -75,98 +137,10 @@ def delta_weight(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, scale: float
     Returns:
         ``(d_out, d_in)`` tensor in the factors' dtype.
     """
-    n, _, q_out, q_in = _check(A, B, C)
-    M = torch.bmm(B, C)  # (n, q_out, q_in): expert i's low-rank block
-    # dW[p, a, j, b] = sum_i A[i, p, j] * M[i, a, b]
-    dW = torch.einsum("ipj,iab->pajb", A, M)  # (n, q_out, n, q_in)
-    return dW.reshape(n * q_out, n * q_in) * scale
-
-
-def apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """Compute ``x @ dW.T`` without building ``dW``.
-
-    Two matmuls with the stacked expert factors (the cost of a LoRA of rank
-    ``n * r``) around an ``n x n`` rule mixing per token:
-    ``tokens * (n * r * (d_in + d_out) + n**3 * r)`` multiply-adds.
-
-    No per-token tensor is copied or permuted, ``scale`` multiplies a small
-    factor, not the output, and each call runs few operations (what a GPU
-    pays for, more than multiply-adds). The rule mixing runs as one matmul with
-    a dense ``(n*n*r, n*n*r)`` mixing matrix built from ``A`` when that costs at
-    most half the two projections (``n**3 * r <= (d_in + d_out) / 2``, e.g.
-    n = r = 4 on a 768-wide layer: fastest on CPU), otherwise as a batched
-    matmul over the experts on an expert-major layout (``n**3 * r``
-    multiply-adds per token).
-
-    Args:
-        x: Inputs, ``(..., d_in)``; any number of leading batch dimensions.
-        A: Rule matrices, ``(n, n, n)``.
-        B: Up factors, ``(n, d_out / n, r)``.
-        C: Down factors, ``(n, r, d_in / n)``.
-        scale: Scalar multiplier ``s``.
-
-    Returns:
-        ``(..., d_out)``, equal to ``x @ delta_weight(A, B, C, scale).T``.
-    """
     n, r, q_out, q_in = _check(A, B, C)
-    lead = x.shape[:-1]
-    blocks = x.reshape(-1, q_in)  # (T * n_j, q_in): every token split into n blocks
-    tokens = blocks.shape[0] // n
-    if n**3 * r <= (n * q_in + n * q_out) // 2:
-        # Down-project every block with every expert at once.
-        z = blocks @ C.reshape(n * r, q_in).T  # (T * n_j, n_i * r)
-        # Rule mixing as one matmul: mix[(p, i, r), (j, k, t)] = s * A[i, p, j] * [i == k] * [r == t],
-        # the rules broadcast against an identity on (expert, rank); s rides along for free.
-        eye = torch.eye(n * r, dtype=A.dtype, device=A.device).view(1, n, r, 1, n, r)  # (1, i, r, 1, k, t)
-        if scale != 1.0:
-            eye = eye * scale
-        rules = A.permute(1, 0, 2)[:, :, None, :, None, None]  # (p, i, 1, j, 1, 1)
-        mix = (rules * eye).reshape(n * n * r, n * n * r)  # (n_p * n_i * r, n_j * n_k * r)
-        u = z.view(tokens, n * n * r) @ mix.T  # (T, n_p * n_i * r)
-        # Up-project: the experts' outputs add up inside one matmul.
-        b_cat = B.permute(1, 0, 2).reshape(q_out, n * r)  # (q_out, n_i * r)
-        y = u.view(tokens * n, n * r) @ b_cat.T  # (T * n_p, q_out)
-    else:
-        # Down-projection, expert-major: the mixing below then reads it without a copy.
-        z = C.reshape(n * r, q_in) @ blocks.T  # (n_i * r, T * n_j)
-        # Rule mixing: block p of expert i collects sum_j A[i, p, j] * z[i, :, j].
-        u = torch.bmm(z.view(n, r * tokens, n), A.transpose(1, 2))  # (n_i, r * T, n_p)
-        b_t = (B * scale if scale != 1.0 else B).transpose(1, 2).reshape(n * r, q_out)  # (n_i * r, q_out)
-        y = u.view(n * r, tokens * n).T @ b_t  # (T * n_p, q_out)
-    return y.view(*lead, n * q_out)
-
-
-def linear_with_delta(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    scale: float = 1.0,
-) -> torch.Tensor:
-    """Compute ``x @ (weight + dW).T + bias`` by folding ``dW`` into the weight once.
-
-    The "parallel" adapter and its base layer in one matmul: ``dW`` is built
-    once per call (never per token) and the per-token cost is exactly the base
-    layer's. Worth it without gradients from a few hundred tokens per call
-    (about 500 for a 768 x 768 layer at n = r = 4; :func:`prefer_fold` decides,
-    and ``compute_path="auto"`` asks it), never while gradients flow.
-
-    Args:
-        x: Inputs, ``(..., d_in)``.
-        weight: Base weight, ``(d_out, d_in)``.
-        bias: Base bias, ``(d_out,)`` or ``None``.
-        A: Rule matrices, ``(n, n, n)``.
-        B: Up factors, ``(n, d_out / n, r)``.
-        C: Down factors, ``(n, r, d_in / n)``.
-        scale: Scalar multiplier ``s``.
-
-    Returns:
-        ``(..., d_out)``.
-    """
-    dW = delta_weight(A, B, C, scale).to(weight.dtype)  # (d_out, d_in)
-    return torch.nn.functional.linear(x, weight + dW, bias)
+    bf = fold_rules(A, B).view(n * q_out * n, n * r)  # ((p, a, j), (i, r))
+    dW = (bf @ C.reshape(n * r, q_in)).view(n * q_out, n * q_in)  # ((p, a), (j, b))
+    return dW * scale if scale != 1.0 else dW
 
 
 def reference_delta_weight(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -174,61 +148,342 @@ def reference_delta_weight(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, sc
 
     Slow and obviously correct: the yardstick every fast path is tested against.
     """
-    return scale * sum(torch.kron(A[i], B[i] @ C[i]) for i in range(A.shape[0]))
+    return scale * sum(torch.kron(A[i].contiguous(), B[i] @ C[i]) for i in range(A.shape[0]))
 
 
-def factored_flops(tokens: int, d_in: int, d_out: int, n: int, r: int, needs_grad: bool = False) -> int:
-    """Multiply-adds that :func:`apply` adds to a layer call of ``tokens`` rows.
+# -- the factored path -----------------------------------------------------------
+# A hand-written backward keeps the operators of a training call at about what a
+# LoRA layer runs: no per-call identity, no copy of a per-token tensor, the
+# scale riding on the matmuls, and the rule and up-factor gradients from one
+# small copy and two batched matmuls.
 
-    With gradients the backward pass costs about twice the forward.
+
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float, like: torch.Tensor) -> torch.Tensor:
+    """``scale * a @ b`` in one matmul: ``addmm`` with ``beta=0`` ignores its input ``like`` (any tensor of the result's shape)."""
+    if scale == 1.0:
+        return torch.mm(a, b)
+    return torch.addmm(like, a, b, beta=0, alpha=scale)
+
+
+def _t(m: torch.Tensor) -> torch.Tensor:
+    """``m.t()`` as one dispatched operator in eager mode (``t`` is three: ``t``, ``transpose``, ``as_strided``)."""
+    if torch.compiler.is_compiling():
+        return m.t()
+    return m.as_strided((m.shape[1], m.shape[0]), (m.stride(1), m.stride(0)), m.storage_offset())
+
+
+def _flat(t: torch.Tensor, *shape: int) -> torch.Tensor:
+    """``t.view(shape)`` when ``t`` is contiguous (one operator), else a copy."""
+    return t.view(*shape) if t.is_contiguous() else t.reshape(*shape)
+
+
+def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _fold_into(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`fold_rules` as one operator, computed in ``B``'s dtype and written in ``dtype``."""
+    n, q_out, r = B.shape
+    if torch.compiler.is_compiling():  # the compiler picks the product's layout itself
+        return _cast(fold_rules(A, B), dtype)
+    bf = torch.empty((n, q_out, n, n, r), dtype=dtype, device=B.device)
+    torch.mul(*_fold_views(_cast(A, B.dtype), B), out=bf)
+    return bf.view(n * q_out, n * n * r)  # ((p, a), (j, i, r))
+
+
+def _down(xc: torch.Tensor, cc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(blocks, z)``: ``x`` split into blocks, ``(T * n_j, q_in)``, and every block down-projected by every expert."""
+    n, r, q_in = cc.shape
+    tokens = xc.shape[0]
+    blocks = xc.view(tokens * n, q_in)  # (T * n_j, q_in)
+    z = torch.mm(blocks, _t(cc.view(n * r, q_in)))  # (T * n_j, (i, r))
+    return blocks, z.view(tokens, n * n * r)  # (T, (j, i, r))
+
+
+def _factor_grads(ctx, g: torch.Tensor, need_gz: bool) -> tuple:
+    """``(gz, gA, gB, gC)`` from ``g``, the gradient at the adapter's output ``(T, d_out)``."""
+    blocks, z, bf, A, B, cc = ctx.saved_tensors[:6]
+    need_a, need_b, need_c = ctx.need_factors
+    scale = ctx.scale
+    n, q_out, r = B.shape
+    q_in = cc.shape[2]
+    tokens = z.shape[0]
+    gz = ga = gb = gc = None
+    if need_gz or need_c:
+        gz = _scaled_mm(g, bf, scale, like=z).view(tokens * n, n * r)  # (T * n_j, (i, r))
+        if need_c:
+            gc = _cast(torch.mm(_t(gz), blocks).view(n, r, q_in), ctx.c_dtype)
+    if need_a or need_b:
+        gbf = _scaled_mm(_t(g), z, scale, like=bf)  # ((p, a), (j, i, r))
+        # One copy to the expert-major layout (and to the factors' dtype): (i, (a, r), (p, j)).
+        g_i = torch.empty((n, q_out, r, n, n), dtype=B.dtype, device=B.device)
+        g_i.copy_(gbf.view(n, q_out, n, n, r).permute(3, 1, 4, 0, 2))
+        g_i = g_i.view(n, q_out * r, n * n)
+        if need_b:
+            gb = torch.bmm(g_i, _flat(_cast(A, B.dtype), n, n * n, 1)).view(n, q_out, r)
+        if need_a:
+            ga = _cast(torch.bmm(g_i.transpose(1, 2), _flat(B, n, q_out * r, 1)).view(n, n, n), A.dtype)
+    return gz, ga, gb, gc
+
+
+def _save(ctx, tensors: tuple, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, scale: float, dtype, x_dtype):
+    ctx.save_for_backward(*tensors)
+    ctx.scale, ctx.dtype, ctx.x_dtype, ctx.c_dtype = scale, dtype, x_dtype, C.dtype
+    ctx.need_factors = (A.requires_grad, B.requires_grad, C.requires_grad)
+
+
+class _FactoredDelta(torch.autograd.Function):
+    """``base + scale * x @ dW.T`` (or ``x + ...`` with ``residual``) as two token-sized matmuls.
+
+    ``x2``: ``(T, d_in)``; ``base2``: ``(T, d_out)`` or ``None``; ``dtype``:
+    the compute dtype (the autocast dtype, else the factors').
     """
-    forward = tokens * (n * r * (d_in + d_out) + n**3 * r)
-    return 3 * forward if needs_grad else forward
+
+    @staticmethod
+    def forward(ctx, x2, A, B, C, base2, scale, residual, dtype, autocast):  # noqa: D102
+        with torch.autocast(x2.device.type, enabled=False):
+            xc, cc = _cast(x2, dtype), _cast(C, dtype)
+            blocks, z = _down(xc, cc)
+            bf = _fold_into(A, B, dtype)
+            # Under autocast x + s dW x comes out in the autocast dtype, which its consumers would cast it to.
+            acc = (xc if autocast else x2) if residual else base2
+            fused = acc is not None and acc.dtype == dtype
+            if acc is None:
+                out = torch.mm(z, _t(bf)) * scale if scale != 1.0 else torch.mm(z, _t(bf))  # (T, d_out)
+            elif fused:
+                out = torch.addmm(acc, z, _t(bf), alpha=scale)  # (T, d_out)
+            else:  # e.g. a float32 adapter beside a bfloat16 base layer: add in the base's dtype
+                out = acc + (torch.mm(z, _t(bf)) * scale).to(acc.dtype)
+        _save(ctx, (blocks, z, bf, A, B, cc), A, B, C, scale, dtype, x2.dtype)
+        ctx.residual, ctx.fused = residual, fused
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        need_x, need_base = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
+        ctx.need_factors = tuple(ctx.needs_input_grad[1:4])
+        gx = None
+        with torch.autocast(grad.device.type, enabled=False):
+            g = _cast(grad, ctx.dtype)  # (T, d_out)
+            gz, ga, gb, gc = _factor_grads(ctx, g, need_x)
+            if need_x:
+                cc = ctx.saved_tensors[5]
+                n, r, q_in = cc.shape
+                cv = cc.view(n * r, q_in)
+                tokens = g.shape[0]
+                if ctx.residual and ctx.fused:
+                    gx = torch.addmm(g.view(tokens * n, q_in), gz, cv)  # g + gz @ C: (T * n_j, q_in)
+                else:
+                    gx = torch.mm(gz, cv)
+                    if ctx.residual:  # the identity path keeps the input's dtype
+                        gx = grad.view(tokens * n, q_in) + gx.to(grad.dtype)
+                gx = _cast(gx.view(tokens, n * q_in), ctx.x_dtype)
+        return gx, ga, gb, gc, (grad if need_base else None), None, None, None, None
 
 
-def fold_flops(tokens: int, d_in: int, d_out: int, n: int, r: int, needs_grad: bool = False) -> int:
-    """Multiply-adds that :func:`linear_with_delta` adds to the base layer's matmul.
+class _FactoredLinear(torch.autograd.Function):
+    """A frozen ``nn.Linear`` and its adapter in one function: ``x W^T + b + s dW x`` or ``(x + s dW x) W^T + b``.
 
-    Building ``dW`` costs ``d_out * d_in * (n + r / n)``. With gradients the
-    backward must also form the gradient of the folded weight
-    (``tokens * d_out * d_in``) and of the build.
+    Owning the linear's backward lets the input gradient collect both paths in
+    place (one matmul each) instead of adding two tensors. ``weight`` and
+    ``bias`` must not require gradients.
     """
-    build = d_out * d_in * n + (d_out * d_in * r) // n
-    if not needs_grad:
-        return build
-    return 2 * build + tokens * d_out * d_in
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias, A, B, C, scale, sequential, dtype):  # noqa: D102
+        with torch.autocast(x2.device.type, enabled=False):
+            xc, cc, wc, bc = _cast(x2, dtype), _cast(C, dtype), _cast(weight, dtype), _cast(bias, dtype)
+            blocks, z = _down(xc, cc)
+            bf = _fold_into(A, B, dtype)
+            if sequential:
+                h = torch.addmm(xc, z, _t(bf), alpha=scale)  # x + s dW x: (T, d_in)
+                out = nn_linear(h, wc, bc)  # (T, d_out)
+            else:
+                out = nn_linear(xc, wc, bc)
+                out.addmm_(z, _t(bf), alpha=scale)  # a fresh tensor of this function's own: updated in place
+        _save(ctx, (blocks, z, bf, A, B, cc, wc), A, B, C, scale, dtype, x2.dtype)
+        ctx.sequential = sequential
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        need_x = ctx.needs_input_grad[0]
+        ctx.need_factors = tuple(ctx.needs_input_grad[3:6])
+        gx = None
+        with torch.autocast(grad.device.type, enabled=False):
+            g = _cast(grad, ctx.dtype)  # (T, d_out)
+            wc = ctx.saved_tensors[6]
+            cc = ctx.saved_tensors[5]
+            n, r, q_in = cc.shape
+            tokens = g.shape[0]
+            g_in = torch.mm(g, wc) if (need_x or ctx.sequential) else None  # gradient at the linear's input
+            gz, ga, gb, gc = _factor_grads(ctx, g_in if ctx.sequential else g, need_x)
+            if need_x:
+                gx = g_in.view(tokens * n, q_in).addmm_(gz, cc.view(n * r, q_in))  # both paths, in place
+                gx = _cast(gx.view(tokens, n * q_in), ctx.x_dtype)
+        return gx, None, None, ga, gb, gc, None, None, None
 
 
-def prefer_fold(tokens: int, d_in: int, d_out: int, n: int, r: int, needs_grad: bool = False) -> bool:
-    """Whether folding ``dW`` into the weight is cheaper than the factored path.
+def _compute_dtype(x: torch.Tensor, B: torch.Tensor) -> tuple[torch.dtype, bool]:
+    """``(compute dtype, autocast on)``: the autocast dtype when autocast is on for ``x``'s device, else ``B``'s."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device), True
+    return B.dtype, False
 
-    Multiply-adds alone undercount the fold: building ``dW`` streams the
-    ``d_out x d_in`` update through products whose inner size is only ``n`` or
-    ``r`` and through about five passes (the expert products, the rule sum and
-    its permuted copy, the scale, the add to the weight), each costing several
-    multiply-adds' time per value. They are counted as ``16 * d_out * d_in``
-    extra. At n = r = 4 this model then predicts folding from 500 tokens
-    (768 x 768) and 800 (768 x 3072); ``benchmarks/bench_layer.py`` measured
-    the crossovers on CPU at 512 and between 1,024 and 1,576 tokens (counting
-    multiply-adds alone predicted 120 and 190).
 
-    In practice: yes for inference on ViT-B/16's layers from 3 (768 x 768) or
-    5 (768 x 3072) images of 224 px per call, no whenever gradients flow.
+def apply(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    scale: float = 1.0,
+    base: Optional[torch.Tensor] = None,
+    residual: bool = False,
+) -> torch.Tensor:
+    """Compute ``x @ dW.T`` without building ``dW`` (plus ``base``, or plus ``x``).
+
+    Two token-sized matmuls around the fold (module docstring):
+    ``tokens * n * r * (d_in + n * d_out)`` multiply-adds, three operators
+    forward and about seven backward, whatever ``n`` and ``r``. ``base`` (a
+    parallel adapter's base-layer output) or ``x`` itself (``residual``, a
+    sequential adapter's ``x + s dW x``) is added inside the last matmul.
+
+    Under autocast the matmuls run in the autocast dtype; otherwise in the
+    factors' dtype, ``x`` cast to it and the result cast back.
+
+    Args:
+        x: Inputs, ``(..., d_in)``; any number of leading batch dimensions.
+        A: Rule matrices, ``(n, n, n)``.
+        B: Up factors, ``(n, d_out / n, r)``.
+        C: Down factors, ``(n, r, d_in / n)``.
+        scale: Scalar multiplier ``s``.
+        base: ``(..., d_out)`` to add the update to, or ``None``.
+        residual: Return ``x + s dW x`` (needs ``d_out == d_in``; excludes ``base``).
+
+    Returns:
+        ``(..., d_out)``: ``x @ delta_weight(A, B, C, scale).T`` (+ ``base`` or ``x``),
+        in ``base``'s (else ``x``'s) dtype, or the autocast dtype.
     """
-    build_passes = 16 * d_out * d_in
-    fold = fold_flops(tokens, d_in, d_out, n, r, needs_grad) + build_passes
-    return fold < factored_flops(tokens, d_in, d_out, n, r, needs_grad)
+    n, r, q_out, q_in = _check(A, B, C)
+    d_in, d_out = n * q_in, n * q_out
+    if x.shape[-1] != d_in:
+        raise ValueError(f"x has {x.shape[-1]} features on its last axis; the factors expect d_in={d_in}")
+    if residual and (base is not None or d_out != d_in):
+        raise ValueError("residual=True needs a square update (d_out == d_in) and no base")
+    lead = x.shape[:-1]
+    x2 = _flat(x, -1, d_in)  # (T, d_in)
+    base2 = None if base is None else _flat(base, -1, d_out)  # (T, d_out)
+    dtype, autocast = _compute_dtype(x, B)
+    out = _FactoredDelta.apply(x2, A, B, C, base2, float(scale), residual, dtype, autocast)
+    if base is None and not residual and out.dtype != x.dtype and not autocast:
+        out = out.to(x.dtype)  # no autocast: back to the input's dtype
+    return out.view(*lead, d_out)
 
 
-def valid_num_experts(*dims: int, limit: int = 64) -> list[int]:
-    """The Kronecker sizes ``n <= limit`` that divide every one of ``dims``."""
-    return [n for n in range(1, limit + 1) if all(d % n == 0 for d in dims)]
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    scale: float = 1.0,
+    mode: str = "parallel",
+) -> torch.Tensor:
+    """A frozen linear layer with its adapter, factored: what an adapted ``nn.Linear`` computes while training.
+
+    ``"parallel"``: ``x W^T + b + s x dW^T``; ``"sequential"``:
+    ``(x + s x dW^T) W^T + b``. Equal to :func:`apply` around
+    ``torch.nn.functional.linear``, with one operator fewer forward and
+    backward: the input gradient of both paths is collected in one buffer.
+
+    Args:
+        x: Inputs, ``(..., d_in)``.
+        weight: The frozen weight, ``(d_out, d_in)`` (``requires_grad=False``).
+        bias: The frozen bias, ``(d_out,)``, or ``None``.
+        A: Rule matrices, ``(n, n, n)``.
+        B: Up factors: ``(n, d_out / n, r)`` parallel, ``(n, d_in / n, r)`` sequential.
+        C: Down factors, ``(n, r, d_in / n)``.
+        scale: Scalar multiplier ``s``.
+        mode: ``"parallel"`` or ``"sequential"``.
+
+    Returns:
+        ``(..., d_out)`` in the compute dtype (the autocast dtype, else the factors').
+    """
+    n, r, q_out, q_in = _check(A, B, C)
+    d_out_w, d_in = weight.shape
+    expected = delta_shape(mode, d_in, d_out_w)
+    if (n * q_out, n * q_in) != expected or x.shape[-1] != d_in:
+        raise ValueError(
+            f"a {mode} adapter on a {d_out_w} x {d_in} weight needs a {expected[0]} x {expected[1]} update; the "
+            f"factors give {n * q_out} x {n * q_in} and x has {x.shape[-1]} features"
+        )
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("functional.linear needs a frozen weight and bias; use apply() around the layer instead")
+    lead = x.shape[:-1]
+    dtype, _ = _compute_dtype(x, B)
+    out = _FactoredLinear.apply(_flat(x, -1, d_in), weight, bias, A, B, C, float(scale), mode == "sequential", dtype)
+    return out.view(*lead, d_out_w)
+
+
+# -- folding into weights ---------------------------------------------------------
+def _times_delta(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """``M @ dW`` (without the scale) for ``M: (rows, d_out)``, as ``(M @ Bf) @ V``: no ``d x d`` matrix."""
+    n, r, q_out, q_in = _check(A, B, C)
+    rows = weight.shape[0]
+    m_bf = weight @ fold_rules(A, B).to(weight.dtype)  # (rows, (j, i, r))
+    out = m_bf.view(rows * n, n * r) @ C.reshape(n * r, q_in).to(weight.dtype)  # ((rows, j), b)
+    return out.view(rows, n * q_in)
+
+
+def folded_weight(
+    weight: torch.Tensor,
+    sequential: Sequence[Factors] = (),
+    parallel: Sequence[Factors] = (),
+) -> torch.Tensor:
+    """``W (I + sum S) + sum P``, differentiable, returned in ``weight``'s dtype.
+
+    What a layer computes with its adapters folded in, for a call that folds
+    instead of running the factored path (convolutions while training;
+    cached inference). A sequential ``S = s dW`` mixes the input axis of every
+    kernel tap: ``W @ S = (W @ Bf) @ V``, about ``rows * d_in * n * r * (n +
+    1)`` multiply-adds, never the ``d_in**3`` of a dense product. Computed in
+    the wider of the weight's and the factors' dtypes.
+
+    Args:
+        weight: ``(d_out, d_in, *kernel)``.
+        sequential: ``(A, B, C, scale)`` of every sequential adapter (square ``d_in x d_in``).
+        parallel: ``(A, B, C, scale)`` of every parallel adapter (``d_out x d_in * prod(kernel)``).
+
+    Returns:
+        Same shape and dtype as ``weight``.
+    """
+    dtype = weight.dtype
+    for _, B, _, _ in (*sequential, *parallel):
+        dtype = torch.promote_types(dtype, B.dtype)
+    w = weight.to(dtype)
+    out = w
+    if sequential:
+        # Input channels last: one row per output channel and kernel tap.
+        moved = w.movedim(1, -1) if w.dim() > 2 else w  # (d_out, *kernel, d_in)
+        rows = moved.reshape(-1, moved.shape[-1])  # (d_out * taps, d_in)
+        mixed = None
+        for A, B, C, s in sequential:
+            term = _times_delta(rows, A, B, C)
+            term = term * s if s != 1.0 else term
+            mixed = term if mixed is None else mixed + term
+        mixed = mixed.view(moved.shape)
+        out = out + (mixed.movedim(-1, 1) if w.dim() > 2 else mixed)
+    for A, B, C, s in parallel:
+        out = out + delta_weight(A, B, C, s).to(dtype).view(w.shape)
+    return out.to(weight.dtype)
 
 
 def merge_weight(
     weight: torch.Tensor, seq_delta: torch.Tensor | None = None, par_delta: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Fold adapters into a frozen weight: ``W' = W (I + S) + P``.
+    """Fold adapters into a frozen weight exactly: ``W' = W (I + S) + P``, in float64.
 
     ``S`` (sequential adapters, acting on the layer's input) mixes the input
     axis of every kernel tap, so the same formula covers ``nn.Linear``
@@ -253,6 +508,17 @@ def merge_weight(
     return w.to(weight.dtype)
 
 
+def check_invertible(seq_delta: torch.Tensor, limit: float = 1e12) -> None:
+    """Raise if ``I + S`` is numerically singular, so a merged weight cannot be unmerged."""
+    eye_plus = torch.eye(seq_delta.shape[0], dtype=torch.float64, device=seq_delta.device) + seq_delta.double()
+    cond = torch.linalg.cond(eye_plus)
+    if not torch.isfinite(cond) or cond > limit:
+        raise ValueError(
+            f"Cannot unmerge: I + s*dW is numerically singular (condition number {cond.item():.3g}), so the "
+            "original weight cannot be recovered. Reload the base model instead."
+        )
+
+
 def unmerge_weight(
     weight: torch.Tensor, seq_delta: torch.Tensor | None = None, par_delta: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -262,19 +528,15 @@ def unmerge_weight(
     restores ``W`` to float32 round-off.
 
     Raises:
-        ValueError: if ``I + S`` is numerically singular, so ``W`` is lost.
+        ValueError: if ``I + S`` is numerically singular, so ``W`` is lost
+            (:func:`check_invertible`).
     """
     w = weight.double()
     if par_delta is not None:
         w = w - par_delta.double().reshape(w.shape)
     if seq_delta is not None:
+        check_invertible(seq_delta)
         eye_plus = torch.eye(seq_delta.shape[0], dtype=torch.float64, device=w.device) + seq_delta.double()
-        cond = torch.linalg.cond(eye_plus)
-        if not torch.isfinite(cond) or cond > 1e12:
-            raise ValueError(
-                f"Cannot unmerge: I + s*dW is numerically singular (condition number {cond.item():.3g}), so the "
-                "original weight cannot be recovered. Reload the base model instead."
-            )
         # Solve X (I + S) = W' on the input axis: move it last, flatten the rest.
         moved = w.movedim(1, -1)  # (d_out, *kernel, d_in)
         flat = moved.reshape(-1, moved.shape[-1])
@@ -300,3 +562,171 @@ def init_rules(n: int, method: str = "orthogonal", generator: torch.Generator | 
     # Fix the signs so the distribution is uniform (Haar), not biased by QR.
     q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
     return q.float().contiguous()
+
+
+# -- sizes and counts ----------------------------------------------------------------
+def valid_num_experts(*dims: int, limit: int = 64) -> list[int]:
+    """The Kronecker sizes ``n <= limit`` that divide every one of ``dims``."""
+    return [n for n in range(1, limit + 1) if all(d % n == 0 for d in dims)]
+
+
+def delta_shape(mode: str, in_dim: int, out_dim: int, kernel_taps: int = 1) -> tuple[int, int]:
+    """``(d_out, d_in)`` of ``dW`` for a target reading ``in_dim`` and writing ``out_dim`` features.
+
+    ``"sequential"``: square on the input, ``(in_dim, in_dim)``. ``"parallel"``:
+    the target's weight, ``(out_dim, in_dim * kernel_taps)`` (``kernel_taps =
+    kh * kw`` for a convolution).
+    """
+    if mode == "sequential":
+        return in_dim, in_dim
+    if mode == "parallel":
+        return out_dim, in_dim * kernel_taps
+    raise ValueError(f"mode must be 'sequential' or 'parallel', got mode={mode!r}")
+
+
+def rank_bound(d_out: int, d_in: int, n: int, r: int) -> int:
+    """The largest rank ``dW`` can reach: ``min(d_out, d_in, n**2 * r)`` (LoRA of rank r: ``r``)."""
+    return min(d_out, d_in, n * n * r)
+
+
+def expert_parameters(d_out: int, d_in: int, r: int) -> int:
+    """Expert parameters of one adapted layer, ``r * (d_in + d_out)``, whatever ``n``."""
+    return r * (d_out + d_in)
+
+
+def rule_parameters(n: int, layers: int = 1, share_rules: bool = True) -> int:
+    """Rule parameters of one adapter: ``n**3`` once when shared, per layer otherwise."""
+    return n**3 if share_rules else n**3 * layers
+
+
+# -- cost model ------------------------------------------------------------------------
+def factored_flops(tokens: int, d_in: int, d_out: int, n: int, r: int, needs_grad: bool = False) -> int:
+    """Multiply-adds that :func:`apply` adds to a layer call of ``tokens`` rows.
+
+    ``tokens * n * r * (d_in + n * d_out)``; with gradients the backward pass
+    costs about twice the forward.
+    """
+    forward = tokens * n * r * (d_in + n * d_out)
+    return 3 * forward if needs_grad else forward
+
+
+def fold_flops(
+    tokens: int, d_in: int, d_out: int, n: int, r: int, needs_grad: bool = False, mode: str = "parallel"
+) -> int:
+    """Multiply-adds that folding adds to the base layer's own call.
+
+    Parallel: building ``dW`` (``d_out * d_in * n * r``). Sequential:
+    ``W @ dW = (W @ Bf) @ V`` (``d_out * d_in * n * r * (n + 1)``). With
+    gradients the backward also forms the gradient of the folded weight
+    (``tokens * d_out * d_in``) and of the build.
+    """
+    build = d_out * d_in * n * r * (1 if mode == "parallel" else n + 1)
+    if not needs_grad:
+        return build
+    return 2 * build + tokens * d_out * d_in
+
+
+def prefer_fold(
+    tokens: int, d_in: int, d_out: int, n: int, r: int, needs_grad: bool = False, mode: str = "parallel"
+) -> bool:
+    """Whether folding ``dW`` into the weight for one call is cheaper than the factored path.
+
+    Multiply-adds alone undercount the fold: it streams ``d_out x d_in``
+    values through thin products and passes over the weight, each costing
+    several multiply-adds' time per value, counted here as
+    ``16 * d_out * d_in`` extra. In practice: yes for a single inference call
+    on a few hundred tokens or more, no whenever gradients flow (the cached
+    inference path of the layers needs no such decision).
+    """
+    build_passes = 16 * d_out * d_in
+    fold = fold_flops(tokens, d_in, d_out, n, r, needs_grad, mode) + build_passes
+    seq_d_out = d_in if mode == "sequential" else d_out
+    return fold < factored_flops(tokens, d_in, seq_d_out, n, r, needs_grad)
+
+
+# -- looking inside: each expert apart -----------------------------------------------
+def expert_outputs(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
+    """Each expert's share of ``x @ dW.T``, kept apart.
+
+    The factored computation without the sum over experts, so
+    ``expert_outputs(x, A, B, C, s).sum(-2) == apply(x, A, B, C, s)``.
+
+    Args:
+        x: Inputs, ``(..., d_in)``.
+        A: Rule matrices, ``(n, n, n)``.
+        B: Up factors, ``(n, d_out / n, r)``.
+        C: Down factors, ``(n, r, d_in / n)``.
+        scale: Scalar multiplier ``s``.
+
+    Returns:
+        ``(..., n, d_out)``: slice ``[..., i, :]`` is ``s * kron(A_i, B_i C_i) x``.
+    """
+    n, r, q_out, q_in = _check(A, B, C)
+    lead = x.shape[:-1]
+    xb = x.reshape(*lead, n, q_in)  # (..., n_j, q_in): x split into n blocks
+    z = xb @ C.reshape(n * r, q_in).T  # (..., n_j, n_i * r)
+    z = z.reshape(*lead, n, n, r)  # (..., n_j, n_i, r)
+    u = torch.einsum("ipj,...jir->...pir", A, z)  # (..., n_p, n_i, r)
+    # Up-project expert by expert instead of summing over experts.
+    y = torch.einsum("...pir,iar->...ipa", u, B)  # (..., n_i, n_p, q_out)
+    return y.reshape(*lead, n, n * q_out) * scale  # (..., n_i, d_out)
+
+
+def expert_norms(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Frobenius norm of every expert's term ``s * kron(A_i, B_i @ C_i)``.
+
+    Uses ``||kron(X, Y)||_F = ||X||_F ||Y||_F`` and
+    ``||B C||_F**2 = sum((B^T B) * (C C^T))``: ``O(n r**2 d)`` work, neither the
+    Kronecker product nor ``B_i @ C_i`` is built. Computed in float64. The
+    experts' norms do not add up to ``||dW||_F``: the terms are not orthogonal.
+
+    Args:
+        A: Rule matrices, ``(n, n, n)``.
+        B: Up factors, ``(n, d_out / n, r)``.
+        C: Down factors, ``(n, r, d_in / n)``.
+        scale: Scalar multiplier ``s``.
+
+    Returns:
+        ``(n,)`` float64 norms.
+    """
+    _check(A, B, C)
+    A, B, C = A.double(), B.double(), C.double()
+    btb = B.transpose(1, 2) @ B  # (n, r, r)
+    cct = C @ C.transpose(1, 2)  # (n, r, r)
+    # Round-off can push an exact zero slightly negative.
+    bc_sq = (btb * cct).sum(dim=(1, 2)).clamp_min(0)  # (n,)
+    return abs(scale) * torch.linalg.matrix_norm(A) * bc_sq.sqrt()
+
+
+def effective_rank(matrix: torch.Tensor) -> float:
+    """Entropy-based effective rank (Roy & Vetterli, 2007) of a 2-D matrix.
+
+    ``exp(H(p))`` with ``p_k = sigma_k / sum(sigma)`` over the singular values:
+    1 for a rank-one matrix, ``k`` for ``k`` equal singular values, smoothly in
+    between; 0.0 for an all-zero matrix.
+    """
+    sigma = torch.linalg.svdvals(matrix.double())
+    total = sigma.sum()
+    if total <= 0:
+        return 0.0
+    p = sigma / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def numerical_rank(matrix: torch.Tensor, rtol: Optional[float] = None) -> int:
+    """Number of singular values above ``rtol * sigma_max`` (as ``numpy.linalg.matrix_rank``).
+
+    Args:
+        matrix: A 2-D tensor (computed in float64).
+        rtol: Relative tolerance; default ``max(matrix.shape) * eps(float64)``.
+    """
+    sigma = torch.linalg.svdvals(matrix.double())
+    if sigma.numel() == 0 or sigma[0] <= 0:
+        return 0
+    if rtol is None:
+        rtol = max(matrix.shape) * torch.finfo(torch.float64).eps
+    return int((sigma > rtol * sigma[0]).sum())
+

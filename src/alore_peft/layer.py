@@ -1,9 +1,28 @@
 """ALoRE tuner layers: parameter plumbing around :mod:`alore_peft.functional`.
 
-A layer owns its expert factors ``B`` and ``C`` (and its rule matrices when
-they are not shared), picks a compute path and hands the math to
-:mod:`alore_peft.functional`. Merge, unmerge and forward all go through
-:meth:`AloreLayer.get_delta_weight`.
+:class:`AloreLayer` holds everything an adapted module does, once: creating
+adapters, the forward paths, merging and unmerging, and the folded-weight
+cache. A subclass says only what it wraps:
+
+- which frozen weights absorb the adapter (:meth:`AloreLayer.consumer_weights`):
+  the wrapped ``nn.Linear``/``nn.Conv2d`` itself here, every layer that reads a
+  container's input for :class:`alore_peft.block.AloreBlock`;
+- where its input is and how the wrapped module runs with folded weights.
+
+Forward paths (``compute_path``):
+
+- **factored**: ``dW`` is never built; two token-sized matmuls per adapter
+  (:func:`alore_peft.functional.apply`). What training uses on linear layers
+  and blocks.
+- **fold**: the consumers run once with ``W (I + sum S) + sum P``
+  (:func:`alore_peft.functional.folded_weight`). Convolutions always fold
+  (the update is a few kernel taps, the tokens are many); inference folds.
+- **cached fold**: in eval mode with gradients off, the folded weights are
+  kept between calls, so an unmerged model serves at the merged model's cost.
+  The cache holds one extra copy of every weight the adapter folds into, and
+  is dropped whenever any adapter or base weight changes (parameter version
+  counters and storage), on ``train()``/``eval()``, and when adapters are
+  switched, enabled, disabled, merged, unmerged or deleted.
 """
 
 from __future__ import annotations
@@ -15,7 +34,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from . import functional as F
+from . import functional
 from .config import AloreConfig
 
 __all__ = ["AloreLayer", "Linear", "Conv2d", "LAYER_TYPES"]
@@ -24,14 +43,16 @@ __all__ = ["AloreLayer", "Linear", "Conv2d", "LAYER_TYPES"]
 class AloreLayer(BaseTunerLayer):
     """State and behaviour shared by every ALoRE-wrapped module.
 
-    Subclasses define the feature axis of their input (``_feature_dim``), the
-    sizes the adapter sees (``in_dim``, ``out_dim``, ``parallel_in_dim``) and
-    how the base module runs with a substituted weight (``_forward_with_weight``).
+    Subclasses define the sizes the adapter sees (``in_dim``, ``out_dim``,
+    ``kernel_taps``), the feature axis of the input (``_feature_dim``), the
+    weights the adapter folds into (:meth:`consumer_weights`) and how the
+    wrapped module runs with folded weights (:meth:`_run_folded`).
     """
 
     adapter_layer_names = ("alore_A", "alore_B", "alore_C")
     other_param_names = ("r", "num_experts", "alpha", "scaling", "mode", "compute_path", "alore_dropout")
     _feature_dim: int = -1
+    modes: tuple[str, ...] = ("sequential", "parallel")
 
     def __init__(self, base_layer: nn.Module, shared_rules: Optional[nn.ParameterDict] = None) -> None:
         self.base_layer = base_layer
@@ -48,9 +69,9 @@ class AloreLayer(BaseTunerLayer):
         # The tuner's rule matrices: a plain reference, not a submodule, so the
         # state dict holds them once (on the tuner) however many layers use them.
         self.__dict__["_shared_rules"] = shared_rules
+        self.__dict__["_fold_cache"] = None  # (key, {consumer name: folded weight})
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self._merge_groups: list[list[str]] = []
 
     # -- sizes -------------------------------------------------------------
     @property
@@ -64,28 +85,53 @@ class AloreLayer(BaseTunerLayer):
         raise NotImplementedError
 
     @property
-    def parallel_in_dim(self) -> int:
-        """Columns of a parallel ``dW`` (``in_dim`` times the kernel size for convolutions)."""
-        return self.in_dim
+    def kernel_taps(self) -> int:
+        """Kernel positions a parallel ``dW`` spans (``kh * kw`` for a convolution, else 1)."""
+        return 1
 
-    def _delta_shape(self, mode: str) -> tuple[int, int]:
-        if mode == "sequential":
-            return self.in_dim, self.in_dim
-        return self.out_dim, self.parallel_in_dim
+    def delta_shape(self, mode: str) -> tuple[int, int]:
+        """``(d_out, d_in)`` of ``dW`` in ``mode`` (:func:`alore_peft.functional.delta_shape`)."""
+        return functional.delta_shape(mode, self.in_dim, self.out_dim, self.kernel_taps)
+
+    # -- what the adapter folds into -------------------------------------------
+    def consumer_weights(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name, weight)`` of every frozen weight the adapter folds into.
+
+        Raises:
+            ValueError: if the adapter cannot be folded (a block not traced yet,
+                or whose input reaches something else than linear/conv layers).
+        """
+        return [("weight", self.get_base_layer().weight)]
+
+    def _run_folded(self, weights: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+        """Run the wrapped module with ``weights`` in place of its consumers' own."""
+        raise NotImplementedError
+
+    def _find_input(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Optional[str]]:
+        """The tensor the adapter acts on, and the keyword it came under (``None``: first positional)."""
+        return args[0], None
 
     # -- creation ----------------------------------------------------------
+    def check_config(self, config: AloreConfig, module_name: str = "") -> None:
+        """Raise a clear error if ``config`` cannot be placed on this layer; touch nothing."""
+        where = f"module '{module_name}'" if module_name else f"a {type(self.get_base_layer()).__name__}"
+        if config.mode not in self.modes:
+            raise ValueError(
+                f"{where} cannot take an ALoRE adapter with mode={config.mode!r}: a "
+                f"{type(self).__name__} supports {', '.join(repr(m) for m in self.modes)}."
+            )
+        check_divisible(config.num_experts, config.mode, self.delta_shape(config.mode), where)
+
     def update_layer(self, adapter_name: str, config: AloreConfig, module_name: str = "") -> None:
         """Create adapter ``adapter_name`` on this layer from ``config``."""
-        n, r, mode = config.num_experts, config.r, config.mode
-        d_out, d_in = self._delta_shape(mode)
-        if d_out % n or d_in % n:
-            valid = F.valid_num_experts(d_out, d_in)
-            where = f"module '{module_name}'" if module_name else f"a {type(self.get_base_layer()).__name__}"
+        self.check_config(config, module_name)
+        if config.share_rules and (self._shared_rules is None or adapter_name not in self._shared_rules):
             raise ValueError(
-                f"num_experts={n} does not divide the dimensions of {where}: its {mode} ALoRE update is "
-                f"{d_out} x {d_in}. Valid num_experts for it: {valid}. Pick one of these, or leave this module "
-                "out with exclude_modules."
+                f"Adapter '{adapter_name}' uses share_rules=True but no shared rule matrices were given to this "
+                "layer; create ALoRE layers through get_peft_model (or AloreModel), not directly."
             )
+        n, r, mode = config.num_experts, config.r, config.mode
+        d_out, d_in = self.delta_shape(mode)
         self.r[adapter_name] = r
         self.num_experts[adapter_name] = n
         self.alpha[adapter_name] = config.alpha
@@ -106,12 +152,7 @@ class AloreLayer(BaseTunerLayer):
             b = torch.empty(n, q_out, r).uniform_(-b_bound, b_bound)
         self.alore_B[adapter_name] = nn.Parameter(b)
         if not config.share_rules:
-            self.alore_A[adapter_name] = nn.Parameter(F.init_rules(n, config.rule_init))
-        elif self._shared_rules is None or adapter_name not in self._shared_rules:
-            raise ValueError(
-                f"Adapter '{adapter_name}' uses share_rules=True but no shared rule matrices were given to this "
-                "layer; create ALoRE layers through get_peft_model (or AloreModel), not directly."
-            )
+            self.alore_A[adapter_name] = nn.Parameter(functional.init_rules(n, config.rule_init))
         self._move_adapter_to_device_of_base_layer(adapter_name)
         # New modules start in training mode; follow the wrapped module instead (model.eval() was maybe called).
         self.train(self.get_base_layer().training)
@@ -127,124 +168,276 @@ class AloreLayer(BaseTunerLayer):
         """``(A, B, C)`` of ``adapter_name``."""
         return self.rules(adapter_name), self.alore_B[adapter_name], self.alore_C[adapter_name]
 
-    # -- the one delta ---------------------------------------------------------
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``s * dW`` of ``adapter_name``: ``(in, in)`` sequential, ``(out, parallel_in)`` parallel."""
+    def _factors_and_scale(self, adapter_name: str) -> functional.Factors:
         A, B, C = self.factors(adapter_name)
-        return F.delta_weight(A.to(B.dtype), B, C, self.scaling[adapter_name])
+        return A, B, C, self.scaling[adapter_name]
 
-    def _group_deltas(self, adapter_names: list[str]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        seq = [self.get_delta_weight(a) for a in adapter_names if self.mode[a] == "sequential"]
-        par = [self.get_delta_weight(a) for a in adapter_names if self.mode[a] == "parallel"]
-        return (sum(seq) if seq else None), (sum(par) if par else None)
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``s * dW`` of ``adapter_name``: ``delta_shape(mode)``, in the factors' dtype."""
+        A, B, C = self.factors(adapter_name)
+        return functional.delta_weight(A.to(B.dtype), B, C, self.scaling[adapter_name])
 
     # -- merging -----------------------------------------------------------
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Fold adapters into the base weight: ``W' = W (I + sum S) + sum P``.
+    def _deltas64(self, adapter_names: list[str]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(sum S, sum P)`` of ``adapter_names`` in float64 (``None`` where a mode has none)."""
+        seq: Optional[torch.Tensor] = None
+        par: Optional[torch.Tensor] = None
+        for name in adapter_names:
+            A, B, C = (t.double() for t in self.factors(name))
+            delta = functional.delta_weight(A, B, C, self.scaling[name])
+            if self.mode[name] == "sequential":
+                seq = delta if seq is None else seq + delta
+            else:
+                par = delta if par is None else par + delta
+        return seq, par
 
-        The adapters merged in one call form one group, folded at once, so the
-        merged layer equals the unmerged one with all of them active.
+    def merge_plan(self, adapter_names: list[str]) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """The consumer weights with exactly ``adapter_names`` merged, computed from the current ones.
+
+        Nothing is written. Merged adapters form one group,
+        ``W' = W (I + sum S) + sum P``, however many merge calls built it, so a
+        merged layer always equals the unmerged one with those adapters active.
+
+        Raises:
+            ValueError: if the current merge cannot be undone (``I + S``
+                singular) or the adapter cannot be folded.
+        """
+        weights = [p for _, p in self.consumer_weights()]
+        seq_now, par_now = self._deltas64(self.merged_adapters)
+        if seq_now is not None:
+            functional.check_invertible(seq_now)
+        seq_new, par_new = self._deltas64(adapter_names)
+        plan = []
+        with torch.no_grad():
+            for p in weights:
+                w = p.detach()
+                if self.merged_adapters:
+                    w = functional.unmerge_weight(w, seq_now, par_now)
+                if adapter_names:
+                    w = functional.merge_weight(w, seq_new, par_new)
+                plan.append((p, w))
+        return plan
+
+    def check_merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """Raise if :meth:`merge` with these arguments would fail; change nothing."""
+        names = self._to_merge(adapter_names, warn=False)
+        if not names:
+            return
+        plan = self.merge_plan(self.merged_adapters + names)
+        if safe_merge:
+            self._check_finite(plan, names)
+
+    def check_unmerge(self) -> None:
+        """Raise if :meth:`unmerge` would fail (``I + S`` singular); change nothing."""
+        if self.merged:
+            self.consumer_weights()
+            seq_now, _ = self._deltas64(self.merged_adapters)
+            if seq_now is not None:
+                functional.check_invertible(seq_now)
+
+    def _to_merge(self, adapter_names: Optional[list[str]], warn: bool = True) -> list[str]:
+        if warn:
+            names = check_adapters_to_merge(self, adapter_names)
+        else:
+            names = [a for a in (adapter_names or self.active_adapters) if a not in self.merged_adapters]
+        # Adapters that do not touch this layer are skipped, as in PEFT's LoRA.
+        return [a for a in names if a in self.alore_B]
+
+    def _check_finite(self, plan: list[tuple[nn.Parameter, torch.Tensor]], names: list[str]) -> None:
+        if not all(torch.isfinite(w).all() for _, w in plan):
+            raise ValueError(
+                f"Merging adapter(s) {names} would put NaN or inf values into the weights of this "
+                f"{type(self.get_base_layer()).__name__}; the weights were left untouched. Check the adapter for "
+                "non-finite values."
+            )
+
+    def _write(self, plan: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+        with torch.no_grad():
+            for p, w in plan:
+                p.copy_(w)  # in place: bumps the version counter (and so drops folded-weight caches)
+        self._clear_cache()
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Fold adapters into the consumer weights: ``W' = W (I + sum S) + sum P``.
+
+        Merging more adapters later refolds the whole group from the original
+        weight, so two calls give what one call with both gives.
 
         Args:
-            safe_merge: Check the merged weight for NaN/inf before writing it; on
-                failure raise and leave the weight untouched.
+            safe_merge: Check the merged weights for NaN/inf before writing any;
+                on failure raise and leave them untouched.
             adapter_names: Adapters to merge (default: the active ones).
         """
-        # Adapters that do not touch this layer are skipped, as in PEFT's LoRA.
-        adapter_names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.alore_B]
-        if not adapter_names:
+        names = self._to_merge(adapter_names)
+        if not names:
             return
-        base = self.get_base_layer()
-        with torch.no_grad():
-            seq, par = self._group_deltas(adapter_names)
-            merged = F.merge_weight(base.weight.data, seq, par)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(
-                    f"Merging adapter(s) {adapter_names} would put NaN or inf values into the weights of this "
-                    f"{type(base).__name__}; the weights were left untouched. Check the adapter for non-finite values."
-                )
-            base.weight.data.copy_(merged)
-        self.merged_adapters.extend(adapter_names)
-        self._merge_groups.append(list(adapter_names))
+        plan = self.merge_plan(self.merged_adapters + names)
+        if safe_merge:
+            self._check_finite(plan, names)
+        self._write(plan)
+        self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
-        """Undo every merge, newest first, restoring the base weight to float32 round-off."""
-        base = self.get_base_layer()
-        with torch.no_grad():
-            while self._merge_groups:
-                group = self._merge_groups[-1]
-                seq, par = self._group_deltas(group)
-                base.weight.data.copy_(F.unmerge_weight(base.weight.data, seq, par))
-                self._merge_groups.pop()
-                for name in group:
-                    self.merged_adapters.remove(name)
+        """Undo every merge, restoring the consumer weights to float32 round-off (a float64 solve)."""
+        if not self.merged:
+            return
+        self._write(self.merge_plan([]))
+        self.merged_adapters.clear()
+
+    # -- state changes drop the folded-weight cache ---------------------------
+    def _clear_cache(self) -> None:
+        self.__dict__["_fold_cache"] = None
+
+    def train(self, mode: bool = True):
+        self._clear_cache()
+        return nn.Module.train(self, mode)
+
+    def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
+        self._clear_cache()
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._clear_cache()
+        super().enable_adapters(enabled)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._clear_cache()
+        super().delete_adapter(adapter_name)
 
     # -- forward -----------------------------------------------------------
-    def _forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Run the base module with ``weight`` in place of its own."""
-        raise NotImplementedError
+    def _active(self) -> list[str]:
+        return [a for a in self.active_adapters if a in self.alore_B]
 
-    def _adapter_out(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """``s * dW x`` along the feature axis, factored (``dW`` is never built)."""
-        A, B, C = self.factors(adapter_name)
-        # Under autocast the matmuls pick their own dtype: casting x to the factors' dtype
-        # first would only add two passes over it (bfloat16 -> float32 -> bfloat16, exact).
-        h = x if torch.is_autocast_enabled(x.device.type) else x.to(B.dtype)
-        dropout = self.alore_dropout[adapter_name]
-        if not isinstance(dropout, nn.Identity):
-            h = dropout(h)
-        if self._feature_dim != -1:
-            h = h.movedim(self._feature_dim, -1)  # (..., features)
-        out = F.apply(h, A.to(B.dtype), B, C, self.scaling[adapter_name])
-        if self._feature_dim != -1:
-            out = out.movedim(-1, self._feature_dim)
-        return out.to(x.dtype)
+    def _path(self, active: list[str]) -> str:
+        paths = {self.compute_path[a] for a in active}
+        return "factored" if "factored" in paths else "fold" if "fold" in paths else "auto"
 
-    def _with_sequential(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
-        """``x + s dW x`` summed over the sequential adapters (no ``sum()``: its leading ``0 +`` is one more pass)."""
-        h = x
-        for name in adapter_names:
-            h = h + self._adapter_out(name, x)
-        return h
+    def _dropout_active(self, active: list[str]) -> bool:
+        return self.training and any(isinstance(self.alore_dropout[a], nn.Dropout) for a in active)
 
-    def _use_fold(self, adapter_name: str, x: torch.Tensor) -> bool:
-        path = self.compute_path[adapter_name]
-        if path != "auto":
-            return path == "fold"
-        if self.training and isinstance(self.alore_dropout[adapter_name], nn.Dropout):
-            return False  # dropout acts on the branch input, which folding cannot reproduce
-        B = self.alore_B[adapter_name]
-        needs_grad = torch.is_grad_enabled() and B.requires_grad
+    def _adapter_needs_grad(self, active: list[str]) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return any(t.requires_grad for a in active for t in self.factors(a))
+
+    def _use_fold(self, active: list[str], x: torch.Tensor) -> bool:
+        """Fold the adapters into the weights for this call, or run the factored path."""
+        path = self._path(active)
+        if path != "auto" or self._dropout_active(active):
+            return path == "fold" and not self._dropout_active(active)
+        if self._adapter_needs_grad(active) or torch.compiler.is_compiling():
+            return False
+        if not self.training and not torch.is_grad_enabled():
+            return True  # cached across calls
         tokens = x.numel() // x.shape[self._feature_dim]
-        n, r = self.num_experts[adapter_name], self.r[adapter_name]
-        return F.prefer_fold(tokens, self.parallel_in_dim, self.out_dim, n, r, needs_grad)
+        return all(
+            functional.prefer_fold(tokens, self.in_dim, self.out_dim, self.num_experts[a], self.r[a], mode=self.mode[a])
+            for a in active
+        )
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def _cache_key(self, active: list[str]) -> tuple:
+        tensors = [p for _, p in self.consumer_weights()]
+        for a in active:
+            tensors.extend(self.factors(a))
+        return (
+            tuple(active),
+            tuple(self.scaling[a] for a in active),
+            tuple((id(t), t.data_ptr(), t._version, t.dtype) for t in tensors),
+        )
+
+    def folded_weights(self, active: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
+        """``{consumer name: W (I + sum S) + sum P}`` for the active adapters (or ``active``).
+
+        In eval mode with gradients off the result is cached until any of the
+        tensors it was built from changes (see the module docstring).
+        """
+        active = self._active() if active is None else active
+        cacheable = not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if cacheable:
+            key = self._cache_key(active)
+            cached = self._fold_cache
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        seq = [self._factors_and_scale(a) for a in active if self.mode[a] == "sequential"]
+        par = [self._factors_and_scale(a) for a in active if self.mode[a] == "parallel"]
+        weights = {name: functional.folded_weight(w, seq, par) for name, w in self.consumer_weights()}
+        if cacheable:
+            self.__dict__["_fold_cache"] = (key, weights)
+        return weights
+
+    def _adapt(
+        self,
+        x: torch.Tensor,
+        name: str,
+        base: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """``base + s dW drop(x)`` along the feature axis (``x + s dW x`` when ``base`` is ``None``)."""
+        A, B, C = self.factors(name)
+        dropout = self.alore_dropout[name]
+        dropped = not isinstance(dropout, nn.Identity) and self.training
+        h = dropout(x) if dropped else x
+        residual = base is None and not dropped
+        if base is None and dropped:
+            base = x
+        axis = self._feature_dim
+        if axis != -1:
+            h = h.movedim(axis, -1)  # (..., features)
+            base = None if base is None else base.movedim(axis, -1)
+        out = functional.apply(h, A, B, C, self.scaling[name], base=base, residual=residual)
+        return out if axis == -1 else out.movedim(-1, axis)
+
+    def _sequential_input(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """``x + sum_a s_a dW_a x`` over the sequential adapters."""
+        h = None
+        for name in names:
+            h = self._adapt(x, name, base=h)
+        return x if h is None else h
+
+    def _parallel_out(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result + s dW x`` for a parallel adapter."""
+        return self._adapt(x, name, base=result)
+
+    def _call_base(self, h: torch.Tensor, key: Optional[str], args: tuple, kwargs: dict) -> Any:
+        if key is None:
+            return self.base_layer(h, *args[1:], **kwargs)
+        return self.base_layer(*args, **{**kwargs, key: h})
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        active = [a for a in self.active_adapters if a in self.alore_B]
-        seq = [a for a in active if self.mode[a] == "sequential"]
-        par = [a for a in active if self.mode[a] == "parallel"]
-        if not seq and len(par) == 1 and self._use_fold(par[0], x):
-            # One matmul with W + s dW: the per-token cost of the base layer alone.
-            weight = self.get_base_layer().weight
-            delta = self.get_delta_weight(par[0]).to(weight.dtype).reshape(weight.shape)
-            return self._forward_with_weight(x, weight + delta)
-        h = self._with_sequential(x, seq)
-        result = self.base_layer(h, *args, **kwargs)
-        for a in par:
-            result = result + self._parallel_out(a, x)
-        return result
+            return self.base_layer(*args, **kwargs)
+        active = [] if self.merged else self._active()
+        if not active:
+            return self.base_layer(*args, **kwargs)
+        x, key = self._find_input(args, kwargs)
+        if self._use_fold(active, x):
+            return self._run_folded(self.folded_weights(active), args, kwargs)
+        return self._factored(active, x, key, args, kwargs)
 
-    def _parallel_out(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        return self._adapter_out(adapter_name, x)
+    def _factored(self, active: list[str], x: torch.Tensor, key: Optional[str], args: tuple, kwargs: dict) -> Any:
+        """The wrapped module on ``x + sum S x``, plus ``sum P x``: ``dW`` never built."""
+        h = self._sequential_input(x, [a for a in active if self.mode[a] == "sequential"])
+        result = self._call_base(h, key, args, kwargs)
+        for name in active:
+            if self.mode[name] == "parallel":
+                result = self._parallel_out(name, x, result)
+        return result
 
     def __repr__(self) -> str:
         return "alore." + super().__repr__()
+
+
+def check_divisible(n: int, mode: str, shape: tuple[int, int], where: str) -> None:
+    """Raise the error a user sees when ``num_experts`` does not divide an update's shape."""
+    d_out, d_in = shape
+    if d_out % n or d_in % n:
+        valid = functional.valid_num_experts(d_out, d_in)
+        raise ValueError(
+            f"num_experts={n} does not divide the dimensions of {where}: its {mode} ALoRE update is "
+            f"{d_out} x {d_in}. Valid num_experts for it: {valid}. Pick one of these, or leave this module "
+            "out with exclude_modules."
+        )
 
 
 class Linear(nn.Module, AloreLayer):
@@ -271,21 +464,47 @@ class Linear(nn.Module, AloreLayer):
     def out_dim(self) -> int:
         return self.get_base_layer().out_features
 
-    def _forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, weight, self.get_base_layer().bias)
+    # The wrapped layer's public sizes, as PEFT's layers and model code read them.
+    in_features = in_dim
+    out_features = out_dim
+
+    def _run_folded(self, weights: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> torch.Tensor:
+        return nn.functional.linear(args[0], weights["weight"], self.get_base_layer().bias)
+
+    def _factored(self, active: list[str], x: torch.Tensor, key: Optional[str], args: tuple, kwargs: dict) -> Any:
+        # One adapter on a frozen nn.Linear: the layer and its adapter in one function (fewer operators).
+        base = self.get_base_layer()
+        if len(active) == 1 and type(base) is nn.Linear and not self._dropout_active(active):
+            frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+            A, B, C = self.factors(active[0])
+            device = x.device.type
+            autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+            if frozen and (autocast or base.weight.dtype == B.dtype == x.dtype):
+                scale, mode = self.scaling[active[0]], self.mode[active[0]]
+                return functional.linear(x, base.weight, base.bias, A, B, C, scale, mode)
+        return super()._factored(active, x, key, args, kwargs)
 
     # nn.Module comes first in the MRO, so its placeholders must be pointed at AloreLayer's.
     forward = AloreLayer.forward
+    train = AloreLayer.train
     __repr__ = AloreLayer.__repr__
+
+
+def _conv_attribute(name: str) -> property:
+    return property(lambda self: getattr(self.get_base_layer(), name), doc=f"The wrapped convolution's ``{name}``.")
 
 
 class Conv2d(nn.Module, AloreLayer):
     """ALoRE around an ``nn.Conv2d``: channels on axis 1.
 
     Sequential: the adapter mixes the input channels of every pixel, which
-    merges exactly into every kernel tap (zero padding stays zero).
-    Parallel: ``dW`` is ``(c_out, c_in * kh * kw)``, reshaped to the kernel
-    and added to the weight once per call.
+    folds exactly into every kernel tap (zero padding stays zero).
+    Parallel: ``dW`` is ``(c_out, c_in * kh * kw)``, a kernel of the
+    convolution's shape. Either way a call folds the adapter into the kernel
+    and runs one convolution (a kernel is small, the pixels many); only with
+    dropout active, or ``compute_path="factored"``, does a sequential adapter
+    mix the channels of every pixel and a parallel one run as a second
+    convolution on the dropped input.
     """
 
     _feature_dim = 1
@@ -298,12 +517,7 @@ class Conv2d(nn.Module, AloreLayer):
         shared_rules: Optional[nn.ParameterDict] = None,
         module_name: str = "",
     ) -> None:
-        if base_layer.groups != 1:
-            raise ValueError(
-                f"ALoRE supports Conv2d with groups=1 only; module '{module_name}' has groups={base_layer.groups} "
-                "(a depthwise or grouped convolution). Leave it out with exclude_modules or target a 1x1 / dense "
-                "convolution instead."
-            )
+        check_conv(base_layer, module_name)
         super().__init__()
         AloreLayer.__init__(self, base_layer, shared_rules)
         self._active_adapter = adapter_name
@@ -318,28 +532,50 @@ class Conv2d(nn.Module, AloreLayer):
         return self.get_base_layer().out_channels
 
     @property
-    def parallel_in_dim(self) -> int:
+    def kernel_taps(self) -> int:
         kh, kw = self.get_base_layer().kernel_size
-        return self.in_dim * kh * kw
+        return kh * kw
 
-    def _forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    in_features = in_dim
+    out_features = out_dim
+    in_channels = _conv_attribute("in_channels")
+    out_channels = _conv_attribute("out_channels")
+    kernel_size = _conv_attribute("kernel_size")
+    stride = _conv_attribute("stride")
+    padding = _conv_attribute("padding")
+    dilation = _conv_attribute("dilation")
+    groups = _conv_attribute("groups")
+    padding_mode = _conv_attribute("padding_mode")
+
+    def _run_folded(self, weights: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> torch.Tensor:
         base = self.get_base_layer()
-        return base._conv_forward(x, weight, base.bias)
+        return base._conv_forward(args[0], weights["weight"], base.bias)
 
-    def _use_fold(self, adapter_name: str, x: torch.Tensor) -> bool:
-        # A parallel conv update acts on kernel patches, so it is always applied as a
-        # kernel; with dropout active it runs as a second convolution on the dropped input.
-        return not (self.training and isinstance(self.alore_dropout[adapter_name], nn.Dropout))
+    def _use_fold(self, active: list[str], x: torch.Tensor) -> bool:
+        if self._path(active) == "factored" or self._dropout_active(active):
+            return False
+        return True
 
-    def _parallel_out(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        # Several adapters at once: each one's folded kernel, without the bias.
+    def _parallel_out(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        # dW acts on kernel patches: a second convolution with dW as its kernel, no bias.
         base = self.get_base_layer()
-        delta = self.get_delta_weight(adapter_name).to(base.weight.dtype).reshape(base.weight.shape)
-        h = self.alore_dropout[adapter_name](x)
-        return base._conv_forward(h, delta, None)
+        delta = self.get_delta_weight(name).to(base.weight.dtype).view(base.weight.shape)
+        h = self.alore_dropout[name](x)
+        return result + base._conv_forward(h, delta, None)
 
     forward = AloreLayer.forward
+    train = AloreLayer.train
     __repr__ = AloreLayer.__repr__
+
+
+def check_conv(conv: nn.Conv2d, module_name: str = "") -> None:
+    """Raise the error a user sees for a grouped convolution target."""
+    if conv.groups != 1:
+        raise ValueError(
+            f"ALoRE supports Conv2d with groups=1 only; module '{module_name}' has groups={conv.groups} "
+            "(a depthwise or grouped convolution). Leave it out with exclude_modules or target a 1x1 / dense "
+            "convolution instead."
+        )
 
 
 LAYER_TYPES: dict[type[nn.Module], type[AloreLayer]] = {nn.Linear: Linear, nn.Conv2d: Conv2d}

@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from .inspect import contribution_matrix
+from .experts import contribution_matrix
 
 __all__ = ["plot_contribution_heatmap", "plot_expert_maps", "require_matplotlib"]
 
@@ -57,7 +57,7 @@ def plot_contribution_heatmap(
     """Heat map of expert contributions: one row per layer, one column per expert.
 
     Args:
-        records: Output of :func:`alore_peft.inspect.expert_records`.
+        records: Output of :func:`alore_peft.experts.expert_records`.
         path: Where to save the figure (format from the suffix: ``.png``, ``.svg``, ...).
         value: ``"norm"`` (``s ||A_i||_F ||B_i C_i||_F``) or ``"share"`` (of the
             layer's total).
@@ -70,7 +70,7 @@ def plot_contribution_heatmap(
     """
     figure_mod = require_matplotlib()
     if not records:
-        raise ValueError("records is empty; pass the output of alore_peft.inspect.expert_records(model).")
+        raise ValueError("records is empty; pass the output of alore_peft.experts.expert_records(model).")
     names, matrix = contribution_matrix(records, value=value)
     rows, n = matrix.shape
     if annotate is None:
@@ -131,15 +131,15 @@ def plot_expert_maps(
     Args:
         images: ``(batch, C, H, W)`` or ``(batch, H, W, C)``; model inputs are fine
             (each image is min-max scaled for display).
-        maps: ``(batch, n, h, w)``, from :func:`alore_peft.inspect.expert_maps`
-            or :func:`~alore_peft.inspect.combine_maps`.
+        maps: ``(batch, n, h, w)``, from :func:`alore_peft.experts.expert_maps`
+            or :func:`~alore_peft.experts.combine_maps`.
         path: Where to save the figure.
         titles: One label per image (e.g. the class).
         title: Figure title.
         relative: ``False``: the maps themselves, on a colour scale shared by
             the experts of one row (rows are scaled separately).
             ``True``: each expert's share of the experts' total at every patch
-            (:func:`alore_peft.inspect.map_shares`), on one diverging scale for
+            (:func:`alore_peft.experts.map_shares`), on one diverging scale for
             the whole figure, centred on the even share ``1 / n`` and as wide as
             the largest deviation from it.
         background: ``"contour"``: the image's outline (at half its brightness
@@ -151,7 +151,7 @@ def plot_expert_maps(
     Returns:
         The ``matplotlib.figure.Figure``.
     """
-    from .inspect import map_shares
+    from .experts import map_shares
 
     if background not in ("contour", "blend", "none"):
         raise ValueError(f"background must be 'contour', 'blend' or 'none', got background={background!r}.")

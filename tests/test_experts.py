@@ -1,4 +1,4 @@
-"""alore_peft.inspect against naive Kronecker references, on tiny models with hand-set weights."""
+"""alore_peft.experts (and the expert math in alore_peft.functional) against naive Kronecker references, on tiny models with hand-set weights."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from peft import get_peft_model
 from torch import nn
 
 from alore_peft import AloreConfig
-from alore_peft import functional as F
-from alore_peft import inspect as insp
+
+from alore_peft import experts as insp
+from alore_peft import functional
 
 from .models import tiny_vit
 from .tolerances import TOLERANCES
@@ -44,10 +45,10 @@ def naive_expert(A, B, C, i, scale):
 def test_expert_outputs_split_apply_exactly(n, r, d_out, d_in, lead, dtype):
     A, B, C = random_factors(n, r, d_out, d_in, dtype)
     x = torch.randn(*lead, d_in, dtype=dtype)
-    per = insp.expert_outputs(x, A, B, C, 0.7)
+    per = functional.expert_outputs(x, A, B, C, 0.7)
     tol = dict(zip(("rtol", "atol"), TOLERANCES[dtype]))
     assert per.shape == (*lead, n, d_out)
-    torch.testing.assert_close(per.sum(-2), F.apply(x, A, B, C, 0.7), **tol)
+    torch.testing.assert_close(per.sum(-2), functional.apply(x, A, B, C, 0.7), **tol)
     for i in range(n):
         torch.testing.assert_close(per[..., i, :], x @ naive_expert(A, B, C, i, 0.7).T, **tol)
 
@@ -55,7 +56,7 @@ def test_expert_outputs_split_apply_exactly(n, r, d_out, d_in, lead, dtype):
 @pytest.mark.parametrize("n, r, d_out, d_in", [(4, 2, 16, 8), (3, 5, 6, 12), (1, 1, 3, 3)])
 def test_expert_norms_match_naive_kron(n, r, d_out, d_in):
     A, B, C = random_factors(n, r, d_out, d_in, torch.float64, seed=n)
-    got = insp.expert_norms(A, B, C, -1.5)  # a negative scale still gives a norm
+    got = functional.expert_norms(A, B, C, -1.5)  # a negative scale still gives a norm
     want = torch.stack([torch.linalg.matrix_norm(naive_expert(A, B, C, i, -1.5)) for i in range(n)])
     torch.testing.assert_close(got, want, **TOL64)
 
@@ -63,7 +64,7 @@ def test_expert_norms_match_naive_kron(n, r, d_out, d_in):
 def test_expert_norm_is_zero_exactly_for_a_zeroed_expert():
     A, B, C = random_factors(4, 2, 8, 8)
     B[1] = 0
-    norms = insp.expert_norms(A, B, C, 2.0)
+    norms = functional.expert_norms(A, B, C, 2.0)
     assert norms[1] == 0
     assert (norms[[0, 2, 3]] > 0).all()
 
@@ -73,18 +74,18 @@ def test_effective_and_numerical_rank_of_known_matrices():
     q1, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
     q2, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
     equal = q1[:, :5] @ q2[:, :5].T * 3.0  # five equal singular values
-    assert insp.numerical_rank(equal) == 5
-    assert insp.effective_rank(equal) == pytest.approx(5.0, rel=1e-9)
+    assert functional.numerical_rank(equal) == 5
+    assert functional.effective_rank(equal) == pytest.approx(5.0, rel=1e-9)
     rank_one = torch.outer(torch.arange(1.0, 7.0), torch.arange(1.0, 5.0))
-    assert insp.numerical_rank(rank_one) == 1
-    assert insp.effective_rank(rank_one) == pytest.approx(1.0, rel=1e-6)
+    assert functional.numerical_rank(rank_one) == 1
+    assert functional.effective_rank(rank_one) == pytest.approx(1.0, rel=1e-6)
     # Singular values 1 and 1/3: p = (3/4, 1/4).
     two = torch.diag(torch.tensor([1.0, 1.0 / 3.0, 0.0]))
-    assert insp.effective_rank(two) == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))))
-    assert insp.numerical_rank(two) == 2
-    assert insp.numerical_rank(two, rtol=0.5) == 1
-    assert insp.effective_rank(torch.zeros(4, 3)) == 0.0
-    assert insp.numerical_rank(torch.zeros(4, 3)) == 0
+    assert functional.effective_rank(two) == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))))
+    assert functional.numerical_rank(two) == 2
+    assert functional.numerical_rank(two, rtol=0.5) == 1
+    assert functional.effective_rank(torch.zeros(4, 3)) == 0.0
+    assert functional.numerical_rank(torch.zeros(4, 3)) == 0
 
 
 # -- on a model ------------------------------------------------------------------
@@ -156,7 +157,8 @@ def test_single_expert_map_equals_the_layers_own_adapter_output():
     maps = insp.expert_maps(model, torch.randn(2, 3, 32, 32), layers=[name])
     handle.remove()
     with torch.no_grad():
-        added = layer._adapter_out("default", seen["x"])  # (batch, tokens, 32): s dW x
+        A, B, C = layer.factors("default")
+        added = functional.apply(seen["x"], A, B, C, layer.scaling["default"])  # (batch, tokens, 32): s dW x
     torch.testing.assert_close(maps[name][:, 2], added.norm(dim=-1)[:, 1:].reshape(2, 4, 4), **TOL)
     assert maps[name][:, [0, 1, 3]].abs().max() == 0
 

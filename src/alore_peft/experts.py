@@ -1,5 +1,10 @@
 """Look inside a trained ALoRE adapter: what each expert contributes, and where.
 
+The math (:func:`~alore_peft.functional.expert_outputs`,
+:func:`~alore_peft.functional.expert_norms`, the ranks) lives in
+:mod:`alore_peft.functional`; this module finds the layers, runs the model and
+turns the numbers into records and maps.
+
 Everything here is a pure read of the model: no parameter is changed, hooks are
 removed before returning, and results are tensors or lists of flat ``dict``
 records (``pandas.DataFrame(records)`` turns them into a table).
@@ -28,7 +33,7 @@ Definitions used throughout (``s`` is the adapter's scale ``alpha / r``):
 
 from __future__ import annotations
 
-import inspect as _pyinspect
+import inspect
 import re
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional, Sequence
@@ -36,15 +41,13 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from . import functional as F
+from . import functional
+from .functional import effective_rank, expert_norms, expert_outputs, numerical_rank
 from .layer import AloreLayer
 from .layer import Conv2d as AloreConv2d
+from .trace import find_input
 
 __all__ = [
-    "expert_outputs",
-    "expert_norms",
-    "effective_rank",
-    "numerical_rank",
     "alore_layers",
     "expert_records",
     "layer_records",
@@ -54,92 +57,6 @@ __all__ = [
     "combine_maps",
     "map_shares",
 ]
-
-
-# -- pure math -----------------------------------------------------------------
-def expert_outputs(
-    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, scale: float = 1.0
-) -> torch.Tensor:
-    """Each expert's share of ``x @ dW.T``, kept apart.
-
-    The same factored computation as :func:`alore_peft.functional.apply`, but
-    the last matmul is not summed over experts, so
-    ``expert_outputs(x, A, B, C, s).sum(-2) == apply(x, A, B, C, s)``.
-
-    Args:
-        x: Inputs, ``(..., d_in)``.
-        A: Rule matrices, ``(n, n, n)``.
-        B: Up factors, ``(n, d_out / n, r)``.
-        C: Down factors, ``(n, r, d_in / n)``.
-        scale: Scalar multiplier ``s``.
-
-    Returns:
-        ``(..., n, d_out)``: slice ``[..., i, :]`` is ``s * kron(A_i, B_i C_i) x``.
-    """
-    n, r, q_out, q_in = F._check(A, B, C)
-    lead = x.shape[:-1]
-    xb = x.reshape(*lead, n, q_in)  # (..., n_j, q_in): x split into n blocks
-    z = xb @ C.reshape(n * r, q_in).T  # (..., n_j, n_i * r)
-    z = z.reshape(*lead, n, n, r)  # (..., n_j, n_i, r)
-    u = torch.einsum("ipj,...jir->...pir", A, z)  # (..., n_p, n_i, r)
-    # Up-project expert by expert instead of concatenating over experts.
-    y = torch.einsum("...pir,iar->...ipa", u, B)  # (..., n_i, n_p, q_out)
-    return y.reshape(*lead, n, n * q_out) * scale  # (..., n_i, d_out)
-
-
-def expert_norms(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """Frobenius norm of every expert's term ``s * kron(A_i, B_i @ C_i)``.
-
-    Uses ``||kron(X, Y)||_F = ||X||_F ||Y||_F`` and
-    ``||B C||_F**2 = sum((B^T B) * (C C^T))``: ``O(n r**2 d)`` work, neither the
-    Kronecker product nor ``B_i @ C_i`` is built. Computed in float64.
-
-    Args:
-        A: Rule matrices, ``(n, n, n)``.
-        B: Up factors, ``(n, d_out / n, r)``.
-        C: Down factors, ``(n, r, d_in / n)``.
-        scale: Scalar multiplier ``s``.
-
-    Returns:
-        ``(n,)`` float64 norms.
-    """
-    F._check(A, B, C)
-    A, B, C = A.double(), B.double(), C.double()
-    btb = B.transpose(1, 2) @ B  # (n, r, r)
-    cct = C @ C.transpose(1, 2)  # (n, r, r)
-    # Round-off can push an exact zero slightly negative.
-    bc_sq = (btb * cct).sum(dim=(1, 2)).clamp_min(0)  # (n,)
-    return abs(scale) * torch.linalg.matrix_norm(A) * bc_sq.sqrt()
-
-
-def effective_rank(matrix: torch.Tensor) -> float:
-    """Entropy-based effective rank (Roy & Vetterli, 2007) of a 2-D matrix.
-
-    ``exp(H(p))`` with ``p_k = sigma_k / sum(sigma)`` over the singular values.
-    Returns 0.0 for an all-zero matrix.
-    """
-    sigma = torch.linalg.svdvals(matrix.double())
-    total = sigma.sum()
-    if total <= 0:
-        return 0.0
-    p = sigma / total
-    p = p[p > 0]
-    return float(torch.exp(-(p * p.log()).sum()))
-
-
-def numerical_rank(matrix: torch.Tensor, rtol: Optional[float] = None) -> int:
-    """Number of singular values above ``rtol * sigma_max``.
-
-    Args:
-        matrix: A 2-D tensor (computed in float64).
-        rtol: Relative tolerance; default ``max(matrix.shape) * eps(float64)``.
-    """
-    sigma = torch.linalg.svdvals(matrix.double())
-    if sigma.numel() == 0 or sigma[0] <= 0:
-        return 0
-    if rtol is None:
-        rtol = max(matrix.shape) * torch.finfo(torch.float64).eps
-    return int((sigma > rtol * sigma[0]).sum())
 
 
 # -- finding the layers ---------------------------------------------------------
@@ -262,9 +179,9 @@ def layer_records(model: nn.Module, adapter: Optional[str] = None, rtol: Optiona
     for name, layer in layers:
         A, B, C = layer.factors(adapter)
         n, r, scale = layer.num_experts[adapter], layer.r[adapter], layer.scaling[adapter]
-        delta = F.delta_weight(A.double(), B.double(), C.double(), scale)  # (d_out, d_in)
+        delta = functional.delta_weight(A.double(), B.double(), C.double(), scale)  # (d_out, d_in)
         d_out, d_in = delta.shape
-        own_rules = A.numel() if adapter in layer.alore_A else 0
+        own_rules = functional.rule_parameters(n) if adapter in layer.alore_A else 0
         records.append(
             {
                 "layer": name,
@@ -275,11 +192,11 @@ def layer_records(model: nn.Module, adapter: Optional[str] = None, rtol: Optiona
                 "r": r,
                 "num_experts": n,
                 "scale": scale,
-                "params": B.numel() + C.numel() + own_rules,
+                "params": functional.expert_parameters(d_out, d_in, r) + own_rules,
                 "delta_norm": float(torch.linalg.matrix_norm(delta)),
                 "effective_rank": effective_rank(delta),
                 "numerical_rank": numerical_rank(delta, rtol),
-                "rank_bound": min(d_out, d_in, n * n * r),
+                "rank_bound": functional.rank_bound(d_out, d_in, n, r),
             }
         )
     return records
@@ -341,27 +258,13 @@ def _find_patch_size(model: nn.Module) -> Optional[tuple[int, int]]:
 def _call_model(model: nn.Module, pixel_values: torch.Tensor) -> None:
     inner = _inner_model(model)
     try:
-        params = _pyinspect.signature(inner.forward).parameters
+        params = inspect.signature(inner.forward).parameters
     except (TypeError, ValueError):
         params = {}
     if "pixel_values" in params:
         model(pixel_values=pixel_values)
     else:
         model(pixel_values)
-
-
-# Keywords under which a block container may receive its input instead of positionally.
-_INPUT_KWARGS = ("hidden_states", "x", "input", "inputs", "features")
-
-
-def _layer_input(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
-    """A layer's input: its first positional argument, else a known input keyword."""
-    if args:
-        return args[0] if isinstance(args[0], torch.Tensor) else None
-    for key in _INPUT_KWARGS:
-        if isinstance(kwargs.get(key), torch.Tensor):
-            return kwargs[key]
-    return None
 
 
 @contextmanager
@@ -373,7 +276,7 @@ def _capture_inputs(layers: Sequence[tuple[str, AloreLayer]]) -> Iterator[dict[s
     def make_hook(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             # Block containers may receive their input as a keyword (hidden_states=...).
-            x = _layer_input(args, kwargs)
+            x, _ = find_input(args, kwargs)
             if x is not None:
                 captured[name] = x.detach()
 
@@ -507,7 +410,7 @@ def _conv_parallel_maps(layer: AloreLayer, adapter: str, x: torch.Tensor) -> tor
     for i in range(B.shape[0]):
         keep = torch.zeros(B.shape[0], 1, 1, dtype=B.dtype, device=B.device)
         keep[i] = 1
-        delta = F.delta_weight(A.to(B.dtype), B * keep, C, layer.scaling[adapter])  # (c_out, c_in * kh * kw)
+        delta = functional.delta_weight(A.to(B.dtype), B * keep, C, layer.scaling[adapter])  # (c_out, c_in * kh * kw)
         y = base._conv_forward(x.to(B.dtype), delta.reshape(base.weight.shape), None)  # (batch, c_out, H', W')
         out.append(y.norm(dim=1))  # (batch, H', W')
     return torch.stack(out, dim=1)  # (batch, n, H', W')
