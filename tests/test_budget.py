@@ -111,8 +111,11 @@ def test_to_config_and_errors():
     assert plan_budget(tiny_vit(), budget=10, target_modules=["q_proj"]) == []  # even r=1 is 4 * 64 > 10
     with pytest.raises(ValueError, match="budget must be a positive number"):
         plan_budget(tiny_vit(), budget=0, target_modules=["q_proj"])
-    with pytest.raises(ValueError, match="No ALoRE layer can be placed"):
-        plan_budget(tiny_vit(), budget=1000, target_modules=["no_such_module"])
+    with pytest.raises(ValueError, match="No ALoRE layer can be placed.*Valid target names.*q_proj"):
+        plan_budget(tiny_vit(), budget=1000, target_modules=r"vit\.no_such\..*")
+    # A list with one unknown name is refused too (PEFT alone would adapt the others silently).
+    with pytest.raises(ValueError, match=r"\['no_such_module'\] match no module.*layers classifier, fc1"):
+        plan_budget(tiny_vit(), budget=1000, target_modules=["q_proj", "no_such_module"])
     with pytest.raises(ValueError, match="already contains ALoRE layers"):
         model = get_peft_model(tiny_vit(), rows[0].to_config())
         plan_budget(model, budget=1000, target_modules=["q_proj"])
