@@ -43,7 +43,7 @@ LABELS_KEY = "alore.labels"
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
-    """SHA-256 of a tensor's bytes as safetensors stores them (row-major, little-endian)."""
+    """SHA-256 of a tensor's bytes as safetensors stores them (row-major, little-endian): its saved digest."""
     flat = tensor.detach().cpu().contiguous().reshape(-1)
     return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
 
@@ -60,25 +60,42 @@ def _labels_of(model: Any) -> Optional[list[str]]:
     return labels
 
 
+def _read_raw(path: Path) -> tuple[dict, bytes]:
+    """A safetensors file's header (JSON) and data region, as stored."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8 : 8 + size]), raw[8 + size :]
+
+
+def _stored_digests(header: dict, data: bytes) -> dict[str, str]:
+    """SHA-256 of every tensor's bytes in the data region (``data_offsets`` are relative to its start)."""
+    return {
+        name: hashlib.sha256(data[entry["data_offsets"][0] : entry["data_offsets"][1]]).hexdigest()
+        for name, entry in sorted(header.items())
+        if name != "__metadata__"
+    }
+
+
 def write_metadata(path: str | os.PathLike, base_model: Any = None) -> None:
     """Add the tensors' digests (and ``base_model``'s class names) to a saved safetensors file, in place.
 
-    The file is rewritten to a temporary name next to it and renamed over the
-    original, so an interruption leaves either the old or the new file.
+    Only the header changes: the data region is copied byte for byte, and the
+    metadata is written with sorted keys, so the same tensors always give the
+    same file. It is written to a temporary name next to the original and
+    renamed over it, so an interruption leaves either the old or the new file.
     """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     path = Path(path)
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    metadata[DIGEST_KEY] = json.dumps({key: tensor_sha256(tensors[key]) for key in sorted(tensors)})
+    header, data = _read_raw(path)
+    metadata = dict(header.pop("__metadata__", None) or {})
+    metadata[DIGEST_KEY] = json.dumps(_stored_digests(header, data), sort_keys=True)
     labels = _labels_of(base_model)
     if labels is not None:
         metadata[LABELS_KEY] = json.dumps(labels)
+    text = json.dumps({"__metadata__": dict(sorted(metadata.items())), **header}, separators=(",", ":"))
+    encoded = text.encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # safetensors aligns the data region to 8 bytes
     temporary = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(temporary), metadata=metadata)
+    temporary.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data)
     os.replace(temporary, path)
 
 
@@ -159,7 +176,8 @@ def verify_adapter_file(path: str | os.PathLike) -> None:
             digests = json.loads(metadata[DIGEST_KEY])
         except json.JSONDecodeError as exc:
             raise ValueError(f"The adapter weights file {path} has an unreadable {DIGEST_KEY} digest. {fix}") from exc
-        changed = sorted(key for key, tensor in tensors.items() if digests.get(key) != tensor_sha256(tensor))
+        stored = _stored_digests(*_read_raw(Path(path)))
+        changed = sorted(key for key in tensors if digests.get(key) != stored.get(key))
         gone = sorted(set(digests) - set(tensors))
         if changed or gone:
             detail = []
