@@ -109,6 +109,59 @@ def test_explicit_flags_override_the_recipe():
     assert smoke.model is None and smoke.model_config == "tiny-vit" and smoke.augmentation == "crop_flip"
 
 
+def test_flags_from_hf_argument_parser_keep_their_spellings():
+    args = parse_args(["--recipe", "fgvc", "--cpu", "--no-cpu", "--image_size", "64", "--merge", "false", "--no-plot"])
+    assert args.cpu is False and args.image_size == 64 and args.merge is False and args.plot is False
+    assert parse_args(["--no-progress", "--share-rules", "false"]).progress is False
+    with pytest.raises(SystemExit):
+        parse_args(["--augmentation", "mixup"])  # a Literal field: argparse's choices
+    with pytest.raises(ValueError, match="--num-experts must be a positive integer"):
+        parse_args(["--num-experts", "0"])  # AloreConfig's check, naming the flag
+
+
+def test_adapter_fields_are_alore_configs():
+    """Type, default and help of every adapter field come from AloreConfig (alpha's default aside)."""
+    import dataclasses
+    import typing
+
+    from alore_peft import AloreConfig
+    from alore_peft.training.args import ADAPTER_FIELDS
+
+    ours, theirs = typing.get_type_hints(TrainArgs), typing.get_type_hints(AloreConfig)
+    defaults = {f.name: f.default for f in dataclasses.fields(AloreConfig)}
+    assert {"share_rules", "rule_init", "compute_path"} <= set(ADAPTER_FIELDS)
+    for name, source in ADAPTER_FIELDS.items():
+        assert ours[name] == theirs[source], name
+        if name != "alpha":
+            assert getattr(TrainArgs(), name) == defaults[source], name
+    assert TrainArgs().alpha == 16.0 and defaults["alpha"] == 4.0
+    args = parse_args(["--no-share-rules", "--rule-init", "normal", "--compute-path", "factored", "--r", "2"])
+    config = args.alore_config()
+    assert (config.share_rules, config.rule_init, config.compute_path, config.r) == (False, "normal", "factored", 2)
+    model = attach_alore(_tiny_vit_model(), args, num_labels=3)
+    assert not any("alore_rules" in name for name, _ in model.named_parameters())  # one rule tensor per layer
+    assert model.peft_config["default"].rule_init == "normal"
+
+
+def test_target_modules_regex_rule():
+    """One rule for "is this a regex" (alore_peft.targets): '+' and '?' make one, as in `alore budget`."""
+    from alore_peft.targets import split_targets
+
+    assert split_targets("q_proj, v_proj") == ["q_proj", "v_proj"]
+    assert split_targets(".+q_proj") == ".+q_proj" and split_targets("layers\\.1\\..*q_proj?") == "layers\\.1\\..*q_proj?"
+    model = attach_alore(_tiny_vit_model(), TrainArgs(target_modules=".+q_proj"), num_labels=3)
+    adapted = {n[: -len(".alore_B.default")] for n, _ in model.named_parameters() if n.endswith("alore_B.default")}
+    assert adapted == {f"base_model.model.vit.layers.{i}.attention.q_proj" for i in (0, 1)}
+
+
+def _tiny_vit_model():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                               intermediate_size=64, image_size=32, patch_size=8, num_labels=3))
+
+
 def test_recipe_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="neither a shipped recipe"):
         parse_args(["--recipe", "imagenet-1k"])
@@ -411,3 +464,5 @@ def test_console_script_help():
     run = subprocess.run(command + ["--help"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "--recipe" in run.stdout and "--resume-from-checkpoint" in run.stdout
+    for flag in ("--no-merge", "--no-plot", "--no-progress", "--no-share-rules", "--rule-init"):
+        assert flag in run.stdout, flag

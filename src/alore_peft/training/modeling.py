@@ -148,24 +148,14 @@ def find_head(model: nn.Module, num_labels: int) -> str:
     return name
 
 
-def _split_names(text: Optional[str]) -> Optional[list[str] | str]:
-    if text is None:
-        return None
-    parts = [part.strip() for part in text.split(",") if part.strip()]
-    # A single entry with regex characters is passed through as a regex (PEFT's convention).
-    if len(parts) == 1 and any(c in parts[0] for c in "*()[]|\\^$"):
-        return parts[0]
-    return parts
-
-
 def attach_alore(model: nn.Module, args, num_labels: int) -> nn.Module:
     """Wrap ``model`` in a ``PeftModel`` with an ALoRE adapter and a trainable head.
 
     Args:
         model: Backbone with its new head.
-        args: :class:`~alore_peft.training.args.TrainArgs` (``r``, ``num_experts``,
-            ``alpha``, ``adapter_dropout``, ``mode``, ``target_modules``,
-            ``modules_to_save``).
+        args: :class:`~alore_peft.training.args.TrainArgs`: its adapter fields
+            (``r``, ``num_experts``, ``alpha``, ...), ``target_modules`` (names or
+            one regex, see :mod:`alore_peft.targets`) and ``modules_to_save``.
         num_labels: Classes, to find the head when ``modules_to_save`` is unset.
 
     Returns:
@@ -173,18 +163,15 @@ def attach_alore(model: nn.Module, args, num_labels: int) -> nn.Module:
     """
     from peft import get_peft_model
 
-    from alore_peft import AloreConfig
+    from alore_peft._noise import expected_warnings_hidden
+    from alore_peft.targets import split_targets
 
-    modules_to_save = _split_names(args.modules_to_save) or [find_head(model, num_labels)]
-    if isinstance(modules_to_save, str):
-        modules_to_save = [modules_to_save]
-    config = AloreConfig(
-        r=args.r,
-        num_experts=args.num_experts,
-        alpha=args.alpha,
-        dropout=args.adapter_dropout,
-        mode=args.mode,
-        target_modules=_split_names(args.target_modules),
-        modules_to_save=modules_to_save,
+    if args.modules_to_save is not None:
+        modules_to_save = [name.strip() for name in args.modules_to_save.split(",") if name.strip()]
+    else:
+        modules_to_save = [find_head(model, num_labels)]
+    config = args.alore_config(
+        target_modules=split_targets(args.target_modules), modules_to_save=modules_to_save
     )
-    return get_peft_model(model, config)
+    with expected_warnings_hidden():
+        return get_peft_model(model, config)
