@@ -140,13 +140,22 @@ def adapter_counts(shapes: dict[str, tuple[int, ...]], layers: list[dict]) -> di
 
 
 def resolve_base(adapter_dir: str, config: dict, base: Optional[str] = None) -> str:
-    """The local base model folder: ``base`` (``--base``) or the adapter's ``base_model_name_or_path``."""
+    """The local base model folder: ``base`` (``--base``) or the adapter's ``base_model_name_or_path``.
+
+    An offline backbone's stable name (``alore-peft-offline:dinov2-small-112``)
+    resolves to its folder in ``alore-train``'s cache, converted there from
+    the installed wheel on first use (nothing is downloaded).
+    """
     chosen = base or config.get("base_model_name_or_path")
     if not chosen:
         raise CliError(
             f"no base model: {adapter_dir}/{ADAPTER_CONFIG} has no base_model_name_or_path. Pass --base with "
             "the local model folder the adapter was trained on."
         )
+    from .offline import backbones
+
+    if backbones.is_portable_name(chosen):
+        return str(_offline_backbone(chosen))
     folder = Path(chosen).expanduser()
     if not (folder.is_dir() and (folder / "config.json").is_file()):
         source = "--base" if base else f"base_model_name_or_path in {ADAPTER_CONFIG}"
@@ -155,6 +164,20 @@ def resolve_base(adapter_dir: str, config: dict, base: Optional[str] = None) -> 
             "never downloads. Pass --base with the folder the adapter was trained on (one written by save_pretrained)."
         )
     return str(folder)
+
+
+def _offline_backbone(name: str) -> Path:
+    """The cache folder of an offline backbone recorded by its stable name, converted locally if missing."""
+    from .offline import OfflinePreparationError, backbones
+
+    try:
+        return backbones.resolve(name)
+    except (OfflinePreparationError, ValueError) as exc:
+        raise CliError(
+            f"the adapter's base model is the offline backbone {name!r} ({backbones.describe(name)}), which could not "
+            f"be prepared here ({exc}). Rebuild it with: {'; '.join(backbones.rebuild_instructions(name).splitlines())}; "
+            "then pass --base ./base."
+        ) from exc
 
 
 def load_base(base: str, config: dict, shapes: dict[str, tuple[int, ...]], adapter_dir: Optional[str] = None) -> Any:
@@ -216,11 +239,9 @@ def load_peft(adapter_dir: str, base: Optional[str] = None) -> tuple[Any, dict, 
         with expected_warnings_hidden():
             peft_model = PeftModel.from_pretrained(model, adapter_dir)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        trained_on = config.get("base_model_name_or_path")
-        hint = "" if base is None else f" (the adapter records base_model_name_or_path={trained_on!r})"
         raise CliError(
-            f"cannot load adapter {adapter_dir!r} onto base {base_dir!r}{hint}: {exc} Pass --base with the model "
-            "folder the adapter was trained on."
+            f"cannot load adapter {adapter_dir!r} onto base {base_dir!r}: {exc} Pass --base with the model folder "
+            "the adapter was trained on."
         ) from exc
     peft_model.eval()
     return peft_model, config, shapes, base_dir
