@@ -10,7 +10,7 @@ from peft import get_peft_model
 from transformers import ViTModel
 
 from alore_peft import AloreLayer
-from alore_peft import functional as F
+from alore_peft import functional
 from alore_peft.budget import plan_budget
 
 from .models import tiny_vit, tiny_vit_config
@@ -63,7 +63,7 @@ def test_counts_equal_what_peft_reports(settings, budget):
 def test_grid_is_complete_and_sorted():
     base = tiny_vit()
     rows = plan_budget(base, budget=1000, target_modules=["q_proj", "fc1"])  # 4 layers x 64 per rank
-    valid = F.valid_num_experts(32)
+    valid = functional.valid_num_experts(32)
     assert {row.num_experts for row in rows} <= set(valid)
     expected = {(r, n) for n in valid for r in range(1, 32 // n + 1) if r * 4 * 64 + n**3 <= 1000}
     assert {(row.r, row.num_experts) for row in rows} == expected
@@ -111,8 +111,11 @@ def test_to_config_and_errors():
     assert plan_budget(tiny_vit(), budget=10, target_modules=["q_proj"]) == []  # even r=1 is 4 * 64 > 10
     with pytest.raises(ValueError, match="budget must be a positive number"):
         plan_budget(tiny_vit(), budget=0, target_modules=["q_proj"])
-    with pytest.raises(ValueError, match="No ALoRE layer can be placed"):
-        plan_budget(tiny_vit(), budget=1000, target_modules=["no_such_module"])
+    with pytest.raises(ValueError, match="No ALoRE layer can be placed.*Valid target names.*q_proj"):
+        plan_budget(tiny_vit(), budget=1000, target_modules=r"vit\.no_such\..*")
+    # A list with one unknown name is refused too (PEFT alone would adapt the others silently).
+    with pytest.raises(ValueError, match=r"\['no_such_module'\] match no module.*layers classifier, fc1"):
+        plan_budget(tiny_vit(), budget=1000, target_modules=["q_proj", "no_such_module"])
     with pytest.raises(ValueError, match="already contains ALoRE layers"):
         model = get_peft_model(tiny_vit(), rows[0].to_config())
         plan_budget(model, budget=1000, target_modules=["q_proj"])

@@ -13,7 +13,7 @@ from peft import PeftModel, get_peft_model
 from transformers import ViTForImageClassification
 
 from alore_peft import AloreConfig
-from alore_peft import functional as F
+from alore_peft import functional
 from alore_peft import experts as insp
 from alore_peft.cli import main
 
@@ -145,7 +145,8 @@ def test_inspect_without_plots_needs_no_images(saved, tmp_path, capsys):
 def test_merge_saves_a_model_equal_to_the_adapter(saved, tmp_path, name, capsys):
     out = tmp_path / "merged"
     assert main(["merge", str(saved[name]), "--out", str(out)]) == 0
-    assert "outputs equal the unmerged adapter" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "outputs equal the adapter model's" in out_text and "(left unchanged)" in out_text
     assert (out / "model.safetensors").is_file()
     merged = ViTForImageClassification.from_pretrained(out).eval()
     assert not any("alore" in key for key in merged.state_dict())
@@ -158,7 +159,7 @@ def test_merge_saves_a_model_equal_to_the_adapter(saved, tmp_path, name, capsys)
 
 
 def test_merge_refuses_to_write_a_wrong_model(saved, tmp_path, monkeypatch, capsys):
-    real = F.merge_weight
+    real = functional.merge_weight
     monkeypatch.setattr(F, "merge_weight", lambda weight, seq=None, par=None: real(weight, seq, par) * 1.01)
     out = tmp_path / "bad"
     err = run_error(capsys, ["merge", str(saved["adapter"]), "--out", str(out)])
@@ -175,7 +176,8 @@ def test_clear_errors_for_missing_and_mismatched_inputs(saved, tmp_path, capsys)
     err = run_error(
         capsys, ["merge", str(saved["adapter"]), "--base", str(saved["wide"]), "--out", str(tmp_path / "m")]
     )
-    assert "another width" in err and "64 input" in err
+    # The tuner's own check, with the shapes that differ.
+    assert "does not fit this base model" in err and "this model needs (4, 16, 2)" in err
     assert not (tmp_path / "m").exists()
     err = run_error(capsys, ["inspect", str(saved["adapter"]), "--images", str(missing), "--out", str(tmp_path / "o")])
     assert "neither an image file nor a folder" in err
@@ -211,3 +213,100 @@ def test_budget_command(saved, capsys):
     assert "nothing fits --budget 10" in err
     err = run_error(capsys, ["budget", "--model-type", "vit", "--budget", "lots"])
     assert "is not a parameter count" in err
+
+
+# -- merge: where it may write, what it keeps ---------------------------------------------------
+@pytest.mark.parametrize("where", ["adapter", "base", "parent"])
+def test_merge_never_overwrites_the_adapter_or_the_base(saved, tmp_path, where, capsys):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(saved["root"] / "base", root / "base")
+    shutil.copytree(saved["adapter"], root / "adapter")
+    (root / "adapter-link").symlink_to(root / "adapter")  # real paths are compared, not spellings
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    out = {"adapter": root / "adapter-link", "base": root / "base", "parent": root}[where]
+    argv = ["merge", str(root / "adapter"), "--base", str(root / "base"), "--out", str(out), "--overwrite"]
+    err = run_error(capsys, argv)
+    what = {"adapter": "is the adapter's folder", "base": "is the base model's folder", "parent": "holds the"}[where]
+    assert what in err and "Choose a new folder for --out" in err
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+
+
+def test_merge_keeps_the_class_names(saved, tmp_path, capsys):
+    """The adapter records the class names of the model it was saved from; the merged config has them."""
+    names = {0: "cat", 1: "dog", 2: "bird"}
+    base = ViTForImageClassification.from_pretrained(saved["base"])
+    base.config.id2label, base.config.label2id = names, {v: k for k, v in names.items()}
+    model = get_peft_model(base, AloreConfig(r=2, num_experts=4, target_modules=["q_proj"], modules_to_save=["classifier"]))
+    model.save_pretrained(tmp_path / "adapter")
+    assert ViTForImageClassification.from_pretrained(saved["base"]).config.id2label[0] == "LABEL_0"
+    assert main(["merge", str(tmp_path / "adapter"), "--base", str(saved["base"]), "--out", str(tmp_path / "m")]) == 0
+    assert "classes: cat, dog, bird" in capsys.readouterr().out
+    merged = ViTForImageClassification.from_pretrained(tmp_path / "m")
+    assert merged.config.id2label == names and merged.config.label2id == {"cat": 0, "dog": 1, "bird": 2}
+
+
+# -- the fit check is the tuner's: a custom container whose first Linear is not its input's ---------
+class _TwoWayConfig(__import__("transformers").PretrainedConfig):
+    model_type = "alore-test-two-way"
+
+    def __init__(self, width: int = 32, image_size: int = 4, num_channels: int = 2, **kwargs):
+        super().__init__(**kwargs)
+        self.width, self.image_size, self.num_channels = width, image_size, num_channels
+
+
+class _TwoWayBlock(torch.nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.proj_out = torch.nn.Linear(2 * width, width)  # registered first, but reads the hidden state
+        self.proj_in = torch.nn.Linear(width, 2 * width)  # reads the block's input
+
+    def forward(self, x):
+        return self.proj_out(torch.relu(self.proj_in(x)))
+
+
+class _TwoWayModel(__import__("transformers").PreTrainedModel):
+    config_class = _TwoWayConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.block = _TwoWayBlock(config.width)
+        self.head = torch.nn.Linear(config.width, 3)
+        self.post_init()
+
+    def forward(self, pixel_values, **kwargs):
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        return ImageClassifierOutput(logits=self.head(self.block(pixel_values.flatten(1))))  # (B, 2*4*4) -> (B, 3)
+
+
+def test_merge_loads_a_block_adapter_on_a_custom_container(tmp_path, monkeypatch, capsys):
+    import transformers
+
+    monkeypatch.setattr(transformers, "_TwoWayModel", _TwoWayModel, raising=False)  # found by auto_mapping's name
+    torch.manual_seed(0)
+    _TwoWayModel(_TwoWayConfig()).save_pretrained(tmp_path / "base")
+    model = get_peft_model(
+        _TwoWayModel.from_pretrained(tmp_path / "base"),
+        AloreConfig(r=2, num_experts=4, target_modules=["block"], init_weights=False),
+    )
+    model.save_pretrained(tmp_path / "adapter")
+    assert main(["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    merged = _TwoWayModel.from_pretrained(tmp_path / "merged").eval()
+    pixels = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(pixel_values=pixels).logits, model.eval()(pixel_values=pixels).logits, **TOL)
+
+
+# -- budget: targets ------------------------------------------------------------------------------------
+def test_budget_lists_the_valid_targets_and_takes_a_regex(saved, capsys):
+    err = run_error(capsys, ["budget", "--base", str(saved["base"]), "--budget", "1k", "--targets", "query", "fc1"])
+    assert "Valid target names in this model: layers" in err
+    assert "q_proj" in err and "fc1" in err and "blocks (sequential mode)" in err and "attention" in err
+    # '+' makes a regex (the same rule as alore-train's --target-modules): the q_proj layers only
+    assert main(["budget", "--base", str(saved["base"]), "--budget", "1k", "--targets", ".+q_proj", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["layers"] == 2
+    err = run_error(capsys, ["budget", "--base", str(saved["base"]), "--budget", "1k", "--targets", ".+q_proj", "fc1"])
+    assert "mixes a regex" in err

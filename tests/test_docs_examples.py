@@ -9,7 +9,7 @@ import pytest
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 # Pages whose ```python blocks are self-contained and executed here.
-EXECUTED_PAGES = ["method.md", "inspect.md"]
+EXECUTED_PAGES = ["method.md", "inspect.md", "sharing.md"]
 
 
 @pytest.mark.parametrize("page", EXECUTED_PAGES)
@@ -23,3 +23,5 @@ def test_python_blocks_run(page, capsys):
     out = capsys.readouterr().out
     if page == "method.md":
         assert out.strip().splitlines()[-1] == "32"
+    if page == "sharing.md":
+        assert out.strip().splitlines()[-1] == "the bytes of 1 tensor(s) differ from their saved SHA-256"

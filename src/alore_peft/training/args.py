@@ -1,31 +1,114 @@
-"""``TrainArgs``: every setting of a training run, and the command line built from it.
+"""``TrainArgs``: every setting of a training run, and the ``alore-train`` command line built from it.
 
 Values are resolved in three layers, later ones winning:
 
 1. the defaults written here (a quick offline run on CPU),
 2. a recipe (``--recipe vtab1k`` or a YAML path), see :mod:`alore_peft.training.recipes`,
 3. flags given explicitly on the command line.
-"""
 
-from __future__ import annotations
+The adapter fields (``r``, ``num_experts``, ``alpha``, ``adapter_dropout``,
+``mode``, ``share_rules``, ``rule_init``, ``compute_path``) are
+:class:`~alore_peft.AloreConfig`'s: their types, defaults and help come from
+it (``alpha`` defaults to 16 here, see its help).
+
+The command line is ``transformers.HfArgumentParser`` over :class:`TrainArgs`
+(flags, types, ``Literal`` choices, ``--no-X`` for switches that default to
+on). Three things it cannot express are added to the parser it builds:
+
+- "not given": HfArgumentParser gives every flag its field's default, so a
+  recipe's value could not be told from a default the user never typed; the
+  defaults are replaced by ``argparse.SUPPRESS`` (and written into the help);
+- ``none`` for an optional value (``--image-size none`` clears a recipe's
+  value): the optional fields' types accept it;
+- ``--no-X`` for switches that default to off (``--no-cpu`` undoes a recipe's
+  ``cpu: true``).
+
+Help text is one source: the ``Args:`` entries of the dataclass docstrings
+(this one, and ``AloreConfig``'s for the adapter fields).
+"""
 
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
-__all__ = ["TrainArgs", "build_parser", "parse_args", "resolve_args", "AUGMENTATIONS", "SELECTIONS"]
+from ..config import AloreConfig
+
+__all__ = [
+    "ADAPTER_FIELDS",
+    "AUGMENTATIONS",
+    "SELECTIONS",
+    "TrainArgs",
+    "build_parser",
+    "flag_table",
+    "parse_args",
+    "resolve_args",
+]
 
 AUGMENTATIONS = ("none", "flip", "crop_flip")
 SELECTIONS = ("best", "last")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+
+# TrainArgs field -> the AloreConfig field it is (the adapter settings a training run exposes).
+ADAPTER_FIELDS = {
+    "r": "r",
+    "num_experts": "num_experts",
+    "alpha": "alpha",
+    "adapter_dropout": "dropout",
+    "mode": "mode",
+    "share_rules": "share_rules",
+    "rule_init": "rule_init",
+    "compute_path": "compute_path",
+}
+_ALORE_FIELDS = {f.name: f for f in dataclasses.fields(AloreConfig)}
+_ALORE_TYPES = get_type_hints(AloreConfig)
+
+
+def _docstring_entries(doc: Optional[str]) -> dict[str, str]:
+    """The ``Args:`` entries of a Google-style docstring, ``{name: text on one line}``."""
+    entries: dict[str, str] = {}
+    name = None
+    for line in (doc or "").splitlines():
+        stripped = line.strip()
+        indent = len(line) - len(line.lstrip())
+        if indent == 8 and ":" in stripped and not stripped.startswith(("``", "-")):
+            head, _, text = stripped.partition(":")
+            if head.replace("_", "").isalnum():
+                name = head
+                entries[name] = text.strip()
+                continue
+        if name is not None and indent >= 12 and stripped:
+            entries[name] += " " + stripped
+        elif indent < 8 and stripped:
+            name = None
+    return entries
+
+
+def _alore_type(name: str) -> Any:
+    """The type annotation of the AloreConfig field behind the TrainArgs field ``name``."""
+    return _ALORE_TYPES[ADAPTER_FIELDS[name]]
+
+
+def _adapter_field(name: str, **override: Any) -> Any:
+    """A TrainArgs field copied from AloreConfig's: its default (unless overridden) and its help."""
+    source = _ALORE_FIELDS[ADAPTER_FIELDS[name]]
+    default = override.get("default", source.default)
+    return field(default=default, metadata={"help": _docstring_entries(AloreConfig.__doc__)[source.name]})
 
 
 @dataclass
 class TrainArgs:
     """Settings of one ``alore-train`` run. Each field is also a ``--flag``.
 
+    The adapter fields ``r``, ``num_experts``, ``alpha``, ``adapter_dropout``
+    (``dropout``), ``mode``, ``share_rules``, ``rule_init`` and ``compute_path``
+    are :class:`~alore_peft.AloreConfig`'s, documented there; ``alpha``
+    defaults to 16 here (see ``alpha`` below).
+
     Args:
+        recipe: A recipe name (``vtab1k``, ``fgvc``) or a YAML file of TrainArgs
+            values, applied by ``parse_args`` / ``resolve_args`` under the
+            explicit flags; on a ``TrainArgs`` it records which recipe was used.
         dataset: A Hub dataset name, a local image folder (``imagefolder`` layout:
             one sub-folder per class, optionally under ``train/``, ``test/``...),
             or a folder written by ``datasets.save_to_disk``. ``None``: the offline
@@ -50,15 +133,13 @@ class TrainArgs:
         image_size: Square input side; ``None`` keeps the image processor's size.
         augmentation: ``"none"``, ``"flip"`` (random horizontal flip) or
             ``"crop_flip"`` (random resized crop + flip, the FGVC standard).
-        r: ALoRE expert rank.
-        num_experts: ALoRE experts ``n`` (the Kronecker size).
-        alpha: ALoRE scale numerator (``s = alpha / r``; the default 16 gives
-            s = 4 at r = 4: with lr 3e-3, the setting the evidence study's
-            validation grid chose for every adapter on DINOv2-S, docs/results.md).
-        adapter_dropout: Dropout on the adapter input.
-        mode: ``"sequential"`` (the paper's) or ``"parallel"``.
-        target_modules: Comma-separated module names, or one regex; ``None``
-            uses the preset of the backbone's ``model_type`` (the paper's placement).
+        alpha: Scale numerator as in AloreConfig (``s = alpha / r``), but 16 by
+            default (s = 4 at r = 4): with lr 3e-3, the setting the evidence
+            study's validation grid chose for every adapter on DINOv2-S
+            (docs/results.md). AloreConfig's own default is 4 (s = 1).
+        target_modules: Comma-separated module names, or one regex (a value
+            holding any of ``* + ? ( ) [ ] { } | \\ ^ $``); ``None`` uses the
+            preset of the backbone's ``model_type`` (the paper's placement).
         modules_to_save: Comma-separated modules trained in full and saved with
             the adapter; ``None`` finds the classifier head (the ``Linear`` with
             ``num_labels`` outputs).
@@ -85,14 +166,15 @@ class TrainArgs:
             (one is always saved at the end of each epoch).
         keep_checkpoints: Keep only the newest N checkpoints (``0`` keeps all).
         resume_from_checkpoint: A checkpoint folder, or ``"latest"`` for the newest
-            one under ``output_dir/checkpoints``.
+            complete one under ``output_dir/checkpoints``.
         stop_after_steps: Raise :class:`SimulatedInterruption` after this many
             optimizer steps, to test resuming.
         merge: Merge the adapter into the backbone at the end, check it predicts
-            like the unmerged model and save it.
-        plot: Write ``training_curves.png``.
-        progress: Show a progress bar on the main process.
-        push_to_hub: Push the adapter to the Hub repository ``hub_model_id``.
+            like the unmerged model and save it (``--no-merge`` skips this).
+        plot: Write ``training_curves.png`` (``--no-plot`` skips it).
+        progress: Show a progress bar on the main process (``--no-progress`` hides it).
+        push_to_hub: Push the adapter folder (weights, config, model card) to the
+            Hub repository ``hub_model_id``.
         hub_model_id: Hub repository for ``push_to_hub``.
         hub_private: Create the Hub repository as private.
         rank_report: Each process writes ``ranks/rank<N>.json`` (world size,
@@ -102,6 +184,7 @@ class TrainArgs:
             ``None``: ``$ALORE_PEFT_CACHE`` or ``~/.cache/alore_peft``.
     """
 
+    recipe: Optional[str] = None
     # data
     dataset: Optional[str] = None
     dataset_config: Optional[str] = None
@@ -119,13 +202,16 @@ class TrainArgs:
     model: Optional[str] = None
     model_config: Optional[str] = None
     image_size: Optional[int] = None
-    augmentation: str = "none"
-    # adapter
-    r: int = 4
-    num_experts: int = 4
-    alpha: float = 16.0
-    adapter_dropout: float = 0.0
-    mode: str = "sequential"
+    augmentation: Literal["none", "flip", "crop_flip"] = "none"
+    # adapter: AloreConfig's fields (type, default and help from it)
+    r: _alore_type("r") = _adapter_field("r")
+    num_experts: _alore_type("num_experts") = _adapter_field("num_experts")
+    alpha: _alore_type("alpha") = _adapter_field("alpha", default=16.0)  # help: TrainArgs' docstring
+    adapter_dropout: _alore_type("adapter_dropout") = _adapter_field("adapter_dropout")
+    mode: _alore_type("mode") = _adapter_field("mode")
+    share_rules: _alore_type("share_rules") = _adapter_field("share_rules")
+    rule_init: _alore_type("rule_init") = _adapter_field("rule_init")
+    compute_path: _alore_type("compute_path") = _adapter_field("compute_path")
     target_modules: Optional[str] = None
     modules_to_save: Optional[str] = None
     # optimisation
@@ -138,13 +224,13 @@ class TrainArgs:
     max_steps: Optional[int] = None
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
-    mixed_precision: str = "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int = 42
     cpu: bool = False
     num_workers: int = 0
     # outputs and control
     output_dir: str = "runs/alore"
-    selection: str = "best"
+    selection: Literal["best", "last"] = "best"
     logging_steps: int = 10
     checkpoint_steps: Optional[int] = None
     keep_checkpoints: int = 2
@@ -158,16 +244,13 @@ class TrainArgs:
     hub_private: bool = False
     rank_report: bool = False
     cache_dir: Optional[str] = None
-    # Which recipe filled the values in (set by resolve_args, for the record).
-    recipe: Optional[str] = field(default=None, metadata={"cli": False})
 
     def __post_init__(self) -> None:
         _check_choice("augmentation", self.augmentation, AUGMENTATIONS)
         _check_choice("selection", self.selection, SELECTIONS)
         _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
-        _check_choice("mode", self.mode, ("sequential", "parallel"))
-        positive = ("batch_size", "eval_batch_size", "epochs", "gradient_accumulation_steps", "logging_steps", "r")
-        for name in positive + ("num_experts",):
+        positive = ("batch_size", "eval_batch_size", "epochs", "gradient_accumulation_steps", "logging_steps")
+        for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{_flag(name)} must be a positive integer, got {getattr(self, name)!r}.")
         for name in ("max_steps", "checkpoint_steps", "stop_after_steps", "max_train_samples", "max_eval_samples"):
@@ -190,6 +273,18 @@ class TrainArgs:
                 f"Give either --model ({self.model!r}, pretrained weights) or --model-config "
                 f"({self.model_config!r}, random weights from a config), not both."
             )
+        self.alore_config()  # AloreConfig's own checks of the adapter fields, with its messages
+
+    def alore_config(self, **extra: Any) -> AloreConfig:
+        """The :class:`AloreConfig` of the adapter fields (plus ``extra`` AloreConfig fields)."""
+        values = {ADAPTER_FIELDS[name]: getattr(self, name) for name in ADAPTER_FIELDS}
+        try:
+            return AloreConfig(**values, **extra)
+        except ValueError as error:  # name the flag, not the config field
+            message = str(error)
+            for name, source in ADAPTER_FIELDS.items():
+                message = message.replace(f"AloreConfig.{source} ", f"--{_flag(name)} ")
+            raise ValueError(message) from error
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as a JSON-serialisable dict."""
@@ -205,16 +300,13 @@ def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
         raise ValueError(f"--{_flag(name)} must be one of {', '.join(allowed)}; got {value!r}.")
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+def _help_texts() -> dict[str, str]:
+    """Help of every TrainArgs field: its docstring entry, else AloreConfig's (adapter fields)."""
+    own = _docstring_entries(TrainArgs.__doc__)
+    return {f.name: own.get(f.name) or f.metadata.get("help", "") for f in dataclasses.fields(TrainArgs)}
 
 
-def _optional(kind: type):
+def _optional(kind: Any):
     """Parse ``kind``, with ``none``/``null`` meaning ``None`` (to clear a recipe value)."""
 
     def parse(text: str):
@@ -222,64 +314,66 @@ def _optional(kind: type):
             return None
         return kind(text)
 
-    parse.__name__ = kind.__name__
+    parse.__name__ = getattr(kind, "__name__", "value")
     return parse
 
 
-def _field_type(hint: Any) -> tuple[type, bool]:
-    """``(base type, is optional)`` of a field's annotation."""
-    if get_origin(hint) is Union:
-        inner = [a for a in get_args(hint) if a is not type(None)]
-        return inner[0], True
-    return hint, False
-
-
-def _field_help(name: str) -> str:
-    """The ``Args:`` entry of ``name`` in the TrainArgs docstring (one source for code and --help)."""
-    lines = (TrainArgs.__doc__ or "").splitlines()
-    prefix = f"        {name}: "
-    for i, line in enumerate(lines):
-        if line.startswith(prefix):
-            text = [line[len(prefix) :]]
-            for follow in lines[i + 1 :]:
-                if not follow.startswith("            "):
-                    break
-                text.append(follow.strip())
-            return " ".join(text).replace("%", "%%")
-    return ""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """The ``alore-train`` argument parser; every flag defaults to "not given"."""
-    parser = argparse.ArgumentParser(
+    """The ``alore-train`` argument parser; a flag not given is absent from the parsed namespace."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(
+        TrainArgs,
         prog="alore-train",
         description=(
             "Fine-tune an image classifier with an ALoRE adapter (Accelerate loop). Without arguments it trains the "
             "offline DINOv2 ViT-S/14 on an offline Fashion-MNIST low-data split. Precedence: built-in defaults < "
             "--recipe < explicit flags."
         ),
-        argument_default=argparse.SUPPRESS,
-    )
-    parser.add_argument(
-        "--recipe",
-        help="A recipe name (vtab1k, fgvc) or a YAML file of TrainArgs values; explicit flags override it.",
+        formatter_class=argparse.HelpFormatter,
     )
     hints = get_type_hints(TrainArgs)
-    for spec in dataclasses.fields(TrainArgs):
-        if not spec.metadata.get("cli", True):
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainArgs)}
+    helps = _help_texts()
+    for action in parser._actions:
+        if action.dest not in defaults:
             continue
-        kind, optional = _field_type(hints[spec.name])
-        flag = "--" + _flag(spec.name)
-        default = spec.default
-        text = f"{_field_help(spec.name)} (default: {default!r})"
-        if kind is bool:
-            # --merge / --no-merge style switches.
-            parser.add_argument(flag, dest=spec.name, action="store_true", help=text)
-            negative = "--no-" + _flag(spec.name)
-            parser.add_argument(negative, dest=spec.name, action="store_false", help=argparse.SUPPRESS)
-        else:
-            parser.add_argument(flag, dest=spec.name, type=_optional(kind) if optional else kind, help=text)
+        name = action.dest
+        negative = any(option.startswith("--no") for option in action.option_strings)
+        optional = get_origin(hints[name]) is Union and type(None) in get_args(hints[name])
+        if optional and action.type is not None:
+            action.type = _optional(action.type)
+        # Only the canonical spelling (--flag-name) in the help; --flag_name still parses.
+        action.option_strings[:] = [s for s in action.option_strings if "_" not in s] or action.option_strings
+        text = helps[name].replace("%", "%%")
+        action.help = f"turn off --{_flag(name)}" if negative else f"{text} (default: {defaults[name]!r})"
+        action.default = argparse.SUPPRESS
+    for name, default in defaults.items():
+        if hints[name] is bool and default is False:
+            negative = parser.add_argument(
+                f"--no-{_flag(name)}", dest=name, action="store_false", default=argparse.SUPPRESS,
+                help=f"turn off --{_flag(name)}",
+            )  # fmt: skip
+            # Listed right after its positive flag, as HfArgumentParser places the ones it adds.
+            for actions in (parser._actions, parser._optionals._group_actions):
+                actions.remove(negative)
+                position = next(i for i, a in enumerate(actions) if a.dest == name)
+                actions.insert(position + 1, negative)
     return parser
+
+
+def flag_table() -> list[tuple[str, Any, str]]:
+    """``(flags, default, help)`` per TrainArgs field, as ``--help`` shows them (for the docs)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainArgs)}
+    hints = get_type_hints(TrainArgs)
+    helps = _help_texts()
+    rows = []
+    for name, default in defaults.items():
+        flags = f"--{_flag(name)}"
+        if hints[name] is bool:
+            flags += f" / --no-{_flag(name)}"
+        rows.append((flags, default, helps[name]))
+    return rows
 
 
 def resolve_args(explicit: dict[str, Any], recipe: Optional[str] = None) -> TrainArgs:
@@ -291,12 +385,23 @@ def resolve_args(explicit: dict[str, Any], recipe: Optional[str] = None) -> Trai
 
     Returns:
         The resolved arguments.
+
+    Raises:
+        ValueError: If the recipe sets a field TrainArgs does not have, or a value is invalid.
     """
-    from .recipes import load_recipe
+    from .recipes import load_recipe, recipe_path
 
     values: dict[str, Any] = {}
     if recipe is not None:
-        values.update(load_recipe(recipe))
+        loaded = load_recipe(recipe)
+        known = {f.name for f in dataclasses.fields(TrainArgs)} - {"recipe"}
+        unknown = sorted(set(loaded) - known)
+        if unknown:
+            raise ValueError(
+                f"Recipe {str(recipe_path(recipe))!r} sets unknown field(s) {unknown}; valid fields are the "
+                f"alore-train flags with '_' for '-': {', '.join(sorted(known))}."
+            )
+        values.update(loaded)
         values["recipe"] = recipe
     # --model and --model-config are one choice: giving either replaces the recipe's.
     if "model" in explicit or "model_config" in explicit:
@@ -308,6 +413,5 @@ def resolve_args(explicit: dict[str, Any], recipe: Optional[str] = None) -> Trai
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> TrainArgs:
     """Parse a command line into :class:`TrainArgs` (defaults < recipe < flags)."""
-    namespace = vars(build_parser().parse_args(argv))
-    recipe = namespace.pop("recipe", None)
-    return resolve_args(namespace, recipe)
+    explicit = vars(build_parser().parse_args(argv))
+    return resolve_args(explicit, explicit.get("recipe"))

