@@ -160,7 +160,7 @@ def test_merge_saves_a_model_equal_to_the_adapter(saved, tmp_path, name, capsys)
 
 def test_merge_refuses_to_write_a_wrong_model(saved, tmp_path, monkeypatch, capsys):
     real = functional.merge_weight
-    monkeypatch.setattr(F, "merge_weight", lambda weight, seq=None, par=None: real(weight, seq, par) * 1.01)
+    monkeypatch.setattr(functional, "merge_weight", lambda weight, seq=None, par=None: real(weight, seq, par) * 1.01)
     out = tmp_path / "bad"
     err = run_error(capsys, ["merge", str(saved["adapter"]), "--out", str(out)])
     assert "does not reproduce the adapter" in err and "Nothing was written" in err
