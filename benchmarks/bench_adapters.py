@@ -37,14 +37,23 @@ run trains besides the adapter). Measurements:
 - merged inference: after ``merge_and_unload()``. The script asserts that the
   merged model holds no adapter layer and has exactly the base model's
   module types, and records how far its logits are from the unmerged model's;
+- operators per train step (``benchmarks/opcount.py``): ATen operators and
+  kernel-launching operators, and the adapter's share of them (the method's
+  count minus the frozen backbone's, ``zero_cost``);
 - ``--compile``: the same train step and unmerged inference under
   ``torch.compile`` (inductor) for the frozen backbone, LoRA and both ALoRE
   variants.
+
+``--proxy`` is the dispatch-bound regime of a GPU, reproduced on a CPU:
+ViT-B/16's width and 12 blocks at 32 px (5 tokens per image), batch 1, one
+thread, so per-operator overhead dominates as it does for small kernels on a
+GPU.
 
 Examples::
 
     python benchmarks/bench_adapters.py --quick                    # smoke test: tiny ViT, under a minute
     python benchmarks/bench_adapters.py --batch-sizes 1 --reps 7   # ViT-B/16 on CPU
+    python benchmarks/bench_adapters.py --proxy --reps 21          # the dispatch-bound regime (GPU proxy)
     python benchmarks/bench_adapters.py --device cuda --batch-sizes 8 64 --dtypes bfloat16 float32
     python benchmarks/bench_adapters.py --from-json a.json b.json --plot ratios.png   # re-render, no measuring
 
@@ -76,6 +85,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # opcount.py, beside this script
+
 METHODS = ("zero_cost", "full", "lora", "lokr", "alore_seq", "alore_par")
 ADAPTERS = ("lora", "lokr", "alore_seq", "alore_par")
 COMPILED = ("zero_cost", "lora", "alore_seq", "alore_par")
@@ -92,7 +103,7 @@ TARGETS = {
 
 
 # --------------------------------------------------------------------------- models
-def vit_config(quick: bool, num_layers: Optional[int]):
+def vit_config(quick: bool, num_layers: Optional[int], image_size: Optional[int] = None):
     from transformers import ViTConfig
 
     if quick:
@@ -110,6 +121,8 @@ def vit_config(quick: bool, num_layers: Optional[int]):
         cfg = ViTConfig()  # ViT-B/16: 12 blocks, width 768, MLP 3072, 224 px, 197 tokens
     if num_layers is not None:
         cfg.num_hidden_layers = num_layers
+    if image_size is not None:
+        cfg.image_size = image_size
     return cfg
 
 
@@ -369,6 +382,14 @@ def run_shape(args, base: nn.Module, batch: int, dtype_name: str, device: torch.
         train[name] = Runner(step)
     if memory:
         log("  peak memory: " + ", ".join(f"{n} {m['peak_mib']:.0f} MiB" for n, m in memory.items()))
+    ops = {}
+    if device.type == "cpu" and not args.no_ops:
+        from opcount import count_ops
+
+        ops = {name: count_ops(runner.fn) for name, runner in train.items()}
+        for counted in ops.values():
+            counted["kernels"] = dict(counted["kernels"])
+        log("  ops per train step: " + ", ".join(f"{n} {o['aten_ops']} ({o['kernel_ops']})" for n, o in ops.items()))
     time_interleaved(train, args.reps, args.warmup, device, progress("train", args.reps))
     log("  train: " + ", ".join(f"{n} {summary(r)['median_ms']:.1f} ms" for n, r in train.items()))
 
@@ -402,6 +423,7 @@ def run_shape(args, base: nn.Module, batch: int, dtype_name: str, device: torch.
         "memory": memory,
         "merge_rel_err": merge_check,
         "compiled": compiled,
+        "ops": ops,
     }
     result["ratios"] = ratios(result)
     del models, base_dev, infer, train
@@ -528,7 +550,9 @@ def _ms(s: Optional[dict]) -> str:
     return f"{s['median_ms']:.1f} [{s['q1_ms']:.1f}-{s['q3_ms']:.1f}]"
 
 
-def _met(value: Optional[float], limit: float, target: str = "") -> str:
+def _met(value: Optional[float], limit: float, target: str = "", quick: bool = False) -> str:
+    if quick:
+        return "n/a (smoke model)"
     if target == "merged_vs_base":
         return "yes (same modules as base, asserted)"
     return "-" if value is None else ("yes" if value <= limit + 1e-9 else "NO")
@@ -536,6 +560,7 @@ def _met(value: Optional[float], limit: float, target: str = "") -> str:
 
 def markdown(report: dict) -> str:
     meta = report["meta"]
+    quick = bool(meta.get("quick"))
     lines = [
         "# bench_adapters",
         "",
@@ -550,6 +575,14 @@ def markdown(report: dict) -> str:
         f"- ALoRE sequential placement: {meta['alore_placement']}.",
         f"- Peak memory: {meta['memory_method']}.",
         "",
+    ]
+    if meta.get("quick"):
+        lines += [
+            "> Smoke run (`--quick`): a tiny ViT, a small batch, few repetitions. The ratios and the verdicts "
+            "below are not meaningful for a model this small; run without `--quick` to measure.",
+            "",
+        ]
+    lines += [
         "Times: wall-clock medians in ms, interquartile range in brackets. A ratio is the median over "
         "repetitions of the ratio of the two runs in that repetition (seconds apart). "
         + (
@@ -578,6 +611,26 @@ def markdown(report: dict) -> str:
                 f"| {_fmt(r['memory_vs_lora'])} | {_ms(inf.get(f'{name}:unmerged'))} | {_pair(r, 'unmerged_vs_base')} "
                 f"| {_ms(inf.get(f'{name}:merged'))} | {_pair(r, 'merged_vs_base')} |"
             )
+        ops = res.get("ops") or {}
+        if ops and "zero_cost" in ops:
+            frozen = ops["zero_cost"]
+            lines += [
+                "",
+                "Operators per train step (`benchmarks/opcount.py`): ATen operators, kernel-launching operators in "
+                "brackets; the adapter's share is the count minus the frozen backbone's (`zero_cost`).",
+                "",
+                "| method | ATen ops (kernels) | adapter share | x LoRA's share |",
+                "|---|---:|---:|---:|",
+            ]
+            lora = ops.get("lora")
+            for name, o in ops.items():
+                share = (o["aten_ops"] - frozen["aten_ops"], o["kernel_ops"] - frozen["kernel_ops"])
+                ratio = "-"
+                if lora is not None and name != "zero_cost":
+                    lora_share = (lora["aten_ops"] - frozen["aten_ops"], lora["kernel_ops"] - frozen["kernel_ops"])
+                    if lora_share[0] > 0 and lora_share[1] > 0:
+                        ratio = f"{share[0] / lora_share[0]:.2f} ({share[1] / lora_share[1]:.2f})"
+                lines.append(f"| {name} | {o['aten_ops']} ({o['kernel_ops']}) | {share[0]} ({share[1]}) | {ratio} |")
         if mem:
             lines += [
                 "",
@@ -617,8 +670,8 @@ def markdown(report: dict) -> str:
             for c in checks:
                 lines.append(
                     f"| {c['method']} | {c['target']} | {c['limit']:.2f} | {c['wall']:.3f} "
-                    f"| {_met(c['wall'], c['limit'], c['target'])} | {_fmt(c['cpu'], '.3f')} "
-                    f"| {_met(c['cpu'], c['limit'], c['target']) if c['cpu'] is not None else '-'} |"
+                    f"| {_met(c['wall'], c['limit'], c['target'], quick)} | {_fmt(c['cpu'], '.3f')} "
+                    f"| {_met(c['cpu'], c['limit'], c['target'], quick) if c['cpu'] is not None else '-'} |"
                 )
         errs = ", ".join(f"{n} {e:.1e}" for n, e in res["merge_rel_err"].items())
         lines += ["", f"Merged vs unmerged logits, max difference relative to the largest logit: {errs}.", ""]
@@ -709,12 +762,24 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="also time torch.compile (inductor)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
     p.add_argument("--quick", action="store_true", help="tiny ViT, batch 2, 3 reps: a smoke test")
+    p.add_argument("--image-size", type=int, default=None, help="override the image size (default 224)")
+    p.add_argument("--no-ops", action="store_true", help="skip counting operators per train step (CPU)")
+    p.add_argument("--proxy", action="store_true",
+                   help="the dispatch-bound regime: ViT-B/16 width, 12 blocks, 32 px (5 tokens), batch 1, one thread, "
+                        "LoRA and both ALoRE variants")
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--plot", type=Path, default=None, help="also write a PNG bar chart of the ratios here")
     p.add_argument("--from-json", type=Path, nargs="+", default=None, metavar="JSON",
                    help="measure nothing: rewrite the table (and --plot) from earlier bench_adapters.json files")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
+    if args.proxy:
+        args.image_size = args.image_size or 32
+        args.batch_sizes = args.batch_sizes or [1]
+        args.threads = 1
+        if args.methods == list(METHODS):
+            args.methods = ["zero_cost", "lora", "alore_seq", "alore_par"]
+        args.no_memory = True
     if args.dtypes is None:
         args.dtypes = ["bfloat16", "float32"] if cuda else ["float32"]
     if args.batch_sizes is None:
@@ -763,7 +828,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print(msg, file=sys.stderr, flush=True)
 
     torch.manual_seed(0)
-    cfg = vit_config(args.quick, args.num_layers)
+    cfg = vit_config(args.quick, args.num_layers, args.image_size)
     base = ViTForImageClassification(cfg).eval()
     _, placement, where = alore_seq_config(args.placement)
     model_desc = (
@@ -786,6 +851,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "warmup": args.warmup,
         "alore_placement": where,
         "alore_placement_kind": placement,
+        "quick": args.quick,
+        "proxy": args.proxy,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "memory_method": "skipped" if args.no_memory else (
             "the model's own weights, buffers and inputs plus the largest increase of allocated memory during "

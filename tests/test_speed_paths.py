@@ -344,78 +344,30 @@ def test_compiled_whole_model_has_no_graph_break(mode, targets):
 
 
 # -- operators of a training call, against PEFT's LoRA at the same budget --------------------
-def _opcount():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        return importlib.import_module("opcount")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-
-
-class _Block(nn.Module):
-    """Norm, then a container three linear layers read: the shape of a ViT block's attention half."""
-
-    def __init__(self, d: int = 64) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(d)
-        self.attention = Attention(d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attention(self.norm(x))
-
-
-def _train_call(model: nn.Module, autocast: bool) -> Callable[[], None]:
-    x = torch.randn(1, 8, 64, requires_grad=True)
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = model(x)
-        out.float().sum().backward()
-        x.grad = None
-        for p in model.parameters():
-            p.grad = None  # as optimizer.zero_grad() leaves them
-
-    return step
-
-
-def _adapter_ops(config, autocast: bool) -> dict:
-    """Operators the adapter adds to one training call of ``_Block`` (the frozen block's own subtracted)."""
-    count = _opcount().count_ops
-    torch.manual_seed(0)
-    base = count(_train_call(_Block().requires_grad_(False), autocast))
-    torch.manual_seed(0)
-    adapted = count(_train_call(get_peft_model(_Block(), config), autocast))
-    return {"aten": adapted.aten - base.aten, "kernels": adapted.kernels - base.kernels}
-
-
-# One adapter each, at one budget: r = 4 on a 64-wide input.
-OP_CASES = {
-    "lora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]),
-    "alore-parallel": AloreConfig(r=4, num_experts=4, alpha=8, mode="parallel", target_modules=["q_proj"]),
-    "alore-sequential": AloreConfig(r=4, num_experts=4, alpha=8, target_modules=["q_proj"]),
-    "alore-block": AloreConfig(r=4, num_experts=4, alpha=8, target_modules=["attention"]),
-}
-# Kernel-launching operators ALoRE may run beyond LoRA's, per precision. The rule and up-factor
-# gradients (one small copy, two batched matmuls) outnumber LoRA's one scale multiply; fusing the
-# frozen layer into the adapter's function pays it back for a parallel nn.Linear, and under
-# autocast every path casts fewer tensors than LoRA. Fixed numbers, so any regression fails.
+# Kernel-launching operators ALoRE may run beyond the LoRA on the same layer, per precision. The
+# rule and up-factor gradients (one small copy, two batched matmuls) outnumber LoRA's one scale
+# multiply; fusing the frozen nn.Linear into the adapter's function pays that back in parallel
+# mode, and under autocast every path casts fewer tensors than LoRA. Fixed numbers: any regression fails.
 EXTRA_KERNELS = {
-    (False, "alore-parallel"): 0,
-    (False, "alore-sequential"): 1,
-    (False, "alore-block"): 2,
-    (True, "alore-parallel"): 0,
-    (True, "alore-sequential"): 0,
-    (True, "alore-block"): 0,
+    (False, "alore_par"): 0,
+    (False, "alore_par_fc1"): 0,
+    (False, "alore_seq"): 1,
+    (False, "alore_block"): 2,
+    (True, "alore_par"): 0,
+    (True, "alore_par_fc1"): 0,
+    (True, "alore_seq"): 0,
+    (True, "alore_block"): 0,
 }
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bfloat16-autocast"])
-@pytest.mark.parametrize("name", [n for n in OP_CASES if n != "lora"])
-def test_training_call_runs_about_loras_operators(name, autocast):
-    lora = _adapter_ops(OP_CASES["lora"], autocast)
-    alore = _adapter_ops(copy.deepcopy(OP_CASES[name]), autocast)
-    assert alore["kernels"] <= lora["kernels"] + EXTRA_KERNELS[(autocast, name)], (alore, lora)
-    assert alore["aten"] <= lora["aten"], (alore, lora)  # host dispatch: every ATen call, views included
+@pytest.mark.parametrize("name", ["alore_par", "alore_par_fc1", "alore_seq", "alore_block"])
+def test_training_call_runs_about_loras_operators(name, autocast, monkeypatch):
+    bench = _load_benchmark("bench_layer", monkeypatch)
+    alore = bench.adapter_ops(name, autocast=autocast)
+    lora = bench.adapter_ops(bench.LORA_OF[name], autocast=autocast)
+    assert alore["kernel_ops"] <= lora["kernel_ops"] + EXTRA_KERNELS[(autocast, name)], (alore, lora)
+    assert alore["aten_ops"] <= lora["aten_ops"], (alore, lora)  # host dispatch: every ATen call, views included
 
 
 # -- the benchmark scripts' smoke tests (they must run and write well-formed output; timings are not checked)
@@ -431,3 +383,42 @@ def keep_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+def test_bench_adapters_quick_writes_json_and_table(tmp_path, monkeypatch, keep_threads):
+    bench = _load_benchmark("bench_adapters", monkeypatch)
+    bench.main(["--quick", "--reps", "1", "--infer-reps", "1", "--warmup", "0", "--out-dir", str(tmp_path)])
+    report = json.loads((tmp_path / "bench_adapters.json").read_text())
+    table = (tmp_path / "bench_adapters.md").read_text()
+    assert report["meta"]["quick"] and "not meaningful" in table and "n/a (smoke model)" in table
+    (result,) = report["results"]
+    assert set(result["train"]) == set(bench.METHODS)
+    assert {"base"} | {f"{m}:{k}" for m in bench.ADAPTERS for k in ("unmerged", "merged")} == set(result["infer"])
+    for stats in list(result["train"].values()) + list(result["infer"].values()):
+        assert stats["n"] == 1 and stats["median_ms"] > 0 and stats["cpu_median_ms"] >= 0
+    for name, mem in result["memory"].items():
+        assert mem["peak_mib"] >= mem["own_mib"] > 0, name
+    assert result["memory"]["full"]["increase_mib"] > result["memory"]["lora"]["increase_mib"]
+    # The same budget as LoRA r=4 on q, v, plus the shared 4 x 4 x 4 rules.
+    assert result["adapter_params"]["alore_seq"] == result["adapter_params"]["alore_par"]
+    assert result["adapter_params"]["alore_seq"] == result["adapter_params"]["lora"] + 4**3
+    for name, err in result["merge_rel_err"].items():
+        assert err < 1e-4, name  # the merged model computes what the unmerged one did
+    frozen = result["ops"]["zero_cost"]
+    for name in bench.ADAPTERS:  # every adapter adds operators to the frozen backbone's step
+        assert result["ops"][name]["kernel_ops"] > frozen["kernel_ops"] and f"| {name} |" in table
+    assert "Operators per train step" in table and "Targets" in table
+
+
+def test_bench_layer_quick_writes_json_and_table(tmp_path, monkeypatch, keep_threads):
+    bench = _load_benchmark("bench_layer", monkeypatch)
+    bench.main(["--quick", "--reps", "1", "--out-dir", str(tmp_path)])
+    report = json.loads((tmp_path / "bench_layer.json").read_text())
+    assert report["max_abs_diff_merged"] < 1e-4
+    names = set(bench.configs())
+    for regime in ("train", "infer"):
+        assert set(report[regime]) == names
+    for precision in ("float32", "bfloat16_autocast"):
+        assert set(report["ops"][precision]) == names - {"base"}
+        assert all(o["kernel_ops"] > 0 for o in report["ops"][precision].values())
+    assert "| alore_block |" in (tmp_path / "bench_layer.md").read_text()
