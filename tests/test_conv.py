@@ -224,3 +224,32 @@ def test_small_conv_net_train_merge_save_load(mode, tmp_path):
         # A loaded adapter is frozen, and requires_grad can change the kernel path by 1 ulp.
         torch.testing.assert_close(loaded(x), trained, rtol=RTOL, atol=ATOL)
         torch.testing.assert_close(loaded.merge_and_unload()(x), trained, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+def test_wrapped_convolutions_keep_the_attributes_model_code_reads(mode):
+    # transformers' default MobileNetV2Config (tf_padding=True) reads conv.stride, kernel_size and dilation
+    # of every convolution in its forward: wrapped pointwise convolutions must still answer.
+    from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
+
+    torch.manual_seed(0)
+    base = MobileNetV2ForImageClassification(MobileNetV2Config(depth_multiplier=0.35, num_labels=3)).eval()
+    assert base.config.tf_padding
+    pointwise = [n for n, m in base.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
+                 and m.groups == 1 and m.in_channels % 4 == 0 and m.out_channels % 4 == 0]
+    reference = copy.deepcopy(base)
+    model = get_peft_model(base, AloreConfig(r=2, num_experts=4, mode=mode, target_modules=pointwise,
+                                             init_weights=False))
+    layer = model.get_submodule("base_model.model." + pointwise[0])
+    conv = reference.get_submodule(pointwise[0])
+    for name in ("stride", "padding", "dilation", "kernel_size", "groups", "in_channels", "out_channels"):
+        assert getattr(layer, name) == getattr(conv, name), name
+    assert (layer.in_features, layer.out_features) == (conv.in_channels, conv.out_channels)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model(pixel_values=x).logits
+        # A random MobileNetV2 (batch norms at their initial statistics) has tiny logits: compare relatively.
+        scale = out.abs().max()
+        assert (out - reference(pixel_values=x).logits).abs().max() > 1e-3 * scale
+        merged = model.merge_and_unload()(pixel_values=x).logits
+        torch.testing.assert_close(merged / scale, out / scale, rtol=RTOL, atol=ATOL)

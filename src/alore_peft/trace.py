@@ -299,6 +299,9 @@ class ContainerProbe:
 def probe_container(container: nn.Module) -> Optional[ContainerProbe]:
     """Pick the adapter's width from the first layer whose input the container accepts alone.
 
+    When it accepts none alone (it needs other arguments), the width most of its
+    layers read is taken.
+
     Returns ``None`` if the container has no ``nn.Linear``/``nn.Conv2d`` inside.
     Runs the container in eval mode without gradients and restores every
     module's train/eval flag.
@@ -310,5 +313,12 @@ def probe_container(container: nn.Module) -> Optional[ContainerProbe]:
         trace = probe(container, layer)
         if trace is not None:
             return ContainerProbe(name, *width_and_axis(layer), trace)
-    name, layer = candidates[0]
+    # No probe ran: take the input width most of its layers read (a small helper network inside, such as a
+    # position-bias MLP, must not set it); the first real forward pass checks it.
+    counts: dict[tuple[bool, int], int] = {}
+    for _, sub in container.named_modules():
+        if isinstance(sub, (nn.Linear, nn.Conv2d)):
+            key = (isinstance(sub, nn.Linear), width_and_axis(sub)[0])
+            counts[key] = counts.get(key, 0) + 1
+    name, layer = max(candidates, key=lambda c: counts[(isinstance(c[1], nn.Linear), width_and_axis(c[1])[0])])
     return ContainerProbe(name, *width_and_axis(layer), None)
