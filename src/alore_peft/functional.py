@@ -429,11 +429,21 @@ def linear(
 
 # -- folding into weights ---------------------------------------------------------
 def _times_delta(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """``M @ dW`` (without the scale) for ``M: (rows, d_out)``, as ``(M @ Bf) @ V``: no ``d x d`` matrix."""
+    """``M @ dW`` (without the scale) for ``M: (rows, d_out)``: no ``d x d`` matrix, no ``Bf`` either.
+
+    ``M @ Bf`` is the up factors first (``M``'s blocks times every ``B[i]``), then
+    the rules mixing the ``n`` blocks, then the down factors: about
+    ``2 * rows * d * n * r`` multiply-adds, against ``rows * d * n * r * (n + 1)``
+    through ``Bf``.
+    """
     n, r, q_out, q_in = _check(A, B, C)
     rows = weight.shape[0]
-    m_bf = weight @ fold_rules(A, B).to(weight.dtype)  # (rows, (j, i, r))
-    out = m_bf.view(rows * n, n * r) @ C.reshape(n * r, q_in).to(weight.dtype)  # ((rows, j), b)
+    dtype = weight.dtype
+    b_cat = B.to(dtype).permute(1, 0, 2).reshape(q_out, n * r)  # (a, (i, r))
+    mb = (weight.reshape(rows * n, q_out) @ b_cat).view(rows, n, n, r)  # (rows, p, i, r): M's blocks times B
+    # Mix the blocks: M @ Bf [rows, j, i, r] = sum_p A[i, p, j] * mb[rows, p, i, r].
+    m_bf = torch.einsum("xpir,ipj->xjir", mb, A.to(dtype))  # (rows, j, i, r)
+    out = m_bf.reshape(rows * n, n * r) @ C.reshape(n * r, q_in).to(dtype)  # ((rows, j), b)
     return out.view(rows, n * q_in)
 
 
