@@ -429,21 +429,25 @@ def linear(
 
 # -- folding into weights ---------------------------------------------------------
 def _times_delta(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """``M @ dW`` (without the scale) for ``M: (rows, d_out)``: no ``d x d`` matrix, no ``Bf`` either.
+    """``M @ dW`` (without the scale) for ``M: (rows, d_out)``: three plain matmuls, no ``d x d`` matrix.
 
-    ``M @ Bf`` is the up factors first (``M``'s blocks times every ``B[i]``), then
-    the rules mixing the ``n`` blocks, then the down factors: about
-    ``2 * rows * d * n * r`` multiply-adds, against ``rows * d * n * r * (n + 1)``
-    through ``Bf``.
+    ``M``'s blocks times every expert's up factor, then the rules mixing the
+    ``n`` blocks (one small dense ``(n*n*r, n*n*r)`` matrix), then the down
+    factors: ``rows * n * r * (2 * d + n * n * r)`` multiply-adds, against
+    ``rows * d * n * r * (n + 1)`` through ``Bf``.
     """
     n, r, q_out, q_in = _check(A, B, C)
     rows = weight.shape[0]
     dtype = weight.dtype
     b_cat = B.to(dtype).permute(1, 0, 2).reshape(q_out, n * r)  # (a, (i, r))
-    mb = (weight.reshape(rows * n, q_out) @ b_cat).view(rows, n, n, r)  # (rows, p, i, r): M's blocks times B
-    # Mix the blocks: M @ Bf [rows, j, i, r] = sum_p A[i, p, j] * mb[rows, p, i, r].
-    m_bf = torch.einsum("xpir,ipj->xjir", mb, A.to(dtype))  # (rows, j, i, r)
-    out = m_bf.reshape(rows * n, n * r) @ C.reshape(n * r, q_in).to(dtype)  # ((rows, j), b)
+    mb = (weight.reshape(rows * n, q_out) @ b_cat).view(rows, n * n * r)  # (rows, (p, i, r)): M's blocks times B
+    # mix[(p, i, r), (j, k, t)] = A[i, p, j] * [i == k] * [r == t]: the rules on the block index.
+    eye_n = torch.eye(n, dtype=dtype, device=A.device)
+    eye_r = torch.eye(r, dtype=dtype, device=A.device)
+    rules = A.to(dtype).permute(1, 0, 2)  # (p, i, j)
+    mix = rules[:, :, None, :, None, None] * eye_n[None, :, None, None, :, None] * eye_r[None, None, :, None, None, :]
+    m_bf = mb @ mix.reshape(n * n * r, n * n * r)  # (rows, (j, i, r)) = M @ Bf
+    out = m_bf.view(rows * n, n * r) @ C.reshape(n * r, q_in).to(dtype)  # ((rows, j), b)
     return out.view(rows, n * q_in)
 
 
@@ -621,37 +625,61 @@ def factored_flops(tokens: int, d_in: int, d_out: int, n: int, r: int, needs_gra
 
 
 def fold_flops(
-    tokens: int, d_in: int, d_out: int, n: int, r: int, needs_grad: bool = False, mode: str = "parallel"
+    tokens: int,
+    d_in: int,
+    d_out: int,
+    n: int,
+    r: int,
+    needs_grad: bool = False,
+    mode: str = "parallel",
+    taps: int = 1,
 ) -> int:
-    """Multiply-adds that folding adds to the base layer's own call.
+    """Multiply-adds that folding adds to a layer's call (``d_out x d_in`` weight, ``taps`` kernel positions).
 
-    Parallel: building ``dW`` (``d_out * d_in * n * r``). Sequential:
-    ``W @ dW = (W @ Bf) @ V`` (``d_out * d_in * n * r * (n + 1)``). With
-    gradients the backward also forms the gradient of the folded weight
-    (``tokens * d_out * d_in``) and of the build.
+    Parallel: building ``dW`` (``d_out * d_in * taps * n * r``). Sequential:
+    ``W @ dW`` as three thin matmuls (``d_out * taps * n * r * (2 * d_in + n**2 * r)``,
+    :func:`folded_weight`). With gradients the backward also forms the gradient
+    of the folded weight (``tokens * d_out * d_in * taps``, what a frozen layer
+    never computes) and of the build.
     """
-    build = d_out * d_in * n * r * (1 if mode == "parallel" else n + 1)
+    rows = d_out * taps
+    if mode == "parallel":
+        build = rows * d_in * n * r
+    else:
+        build = rows * n * r * (2 * d_in + n * n * r)
     if not needs_grad:
         return build
-    return 2 * build + tokens * d_out * d_in
+    return 3 * build + tokens * rows * d_in
 
 
 def prefer_fold(
-    tokens: int, d_in: int, d_out: int, n: int, r: int, needs_grad: bool = False, mode: str = "parallel"
+    tokens: int,
+    d_in: int,
+    d_out: int,
+    n: int,
+    r: int,
+    needs_grad: bool = False,
+    mode: str = "parallel",
+    taps: int = 1,
+    channels_first: bool = False,
 ) -> bool:
-    """Whether folding ``dW`` into the weight for one call is cheaper than the factored path.
+    """Whether folding the adapters into the weight for one call is cheaper than the factored path.
 
-    Multiply-adds alone undercount the fold: it streams ``d_out x d_in``
-    values through thin products and passes over the weight, each costing
-    several multiply-adds' time per value, counted here as
-    ``16 * d_out * d_in`` extra. In practice: yes for a single inference call
-    on a few hundred tokens or more, no whenever gradients flow (the cached
-    inference path of the layers needs no such decision).
+    Multiply-adds alone undercount the fold: it streams the weight through
+    thin products and passes over it, each costing several multiply-adds' time
+    per value, counted here as ``16 * d_out * d_in * taps`` extra. On a
+    ``channels_first`` input (a convolution's) the factored path also moves the
+    pixels to channels-last and back, counted as ``32 * tokens * d_in``. In practice: yes for inference on a
+    few hundred tokens or more, no for a linear layer whenever gradients flow;
+    for a convolution in training, yes where the pixels are many and the
+    channels few, no deep in a network where it is the other way round.
     """
-    build_passes = 16 * d_out * d_in
-    fold = fold_flops(tokens, d_in, d_out, n, r, needs_grad, mode) + build_passes
-    seq_d_out = d_in if mode == "sequential" else d_out
-    return fold < factored_flops(tokens, d_in, seq_d_out, n, r, needs_grad)
+    fold = fold_flops(tokens, d_in, d_out, n, r, needs_grad, mode, taps) + 16 * d_out * d_in * taps
+    update_out = d_in if mode == "sequential" else d_out
+    factored = factored_flops(tokens, d_in, update_out, n, r, needs_grad)
+    if channels_first:
+        factored += 32 * tokens * d_in
+    return fold < factored
 
 
 # -- looking inside: each expert apart -----------------------------------------------

@@ -500,11 +500,12 @@ class Conv2d(nn.Module, AloreLayer):
     Sequential: the adapter mixes the input channels of every pixel, which
     folds exactly into every kernel tap (zero padding stays zero).
     Parallel: ``dW`` is ``(c_out, c_in * kh * kw)``, a kernel of the
-    convolution's shape. Either way a call folds the adapter into the kernel
-    and runs one convolution (a kernel is small, the pixels many); only with
-    dropout active, or ``compute_path="factored"``, does a sequential adapter
-    mix the channels of every pixel and a parallel one run as a second
-    convolution on the dropped input.
+    convolution's shape, always applied as a kernel: folded into the weight,
+    one convolution per call (or, with dropout active, a second convolution on
+    the dropped input). Sequential: folded likewise in inference; in training
+    :func:`alore_peft.functional.prefer_fold` picks per call between folding
+    (the convolution then forms its weight gradient) and mixing the channels of
+    every pixel (cheaper where the pixels are few and the channels many).
     """
 
     _feature_dim = 1
@@ -552,9 +553,21 @@ class Conv2d(nn.Module, AloreLayer):
         return base._conv_forward(args[0], weights["weight"], base.bias)
 
     def _use_fold(self, active: list[str], x: torch.Tensor) -> bool:
-        if self._path(active) == "factored" or self._dropout_active(active):
+        path = self._path(active)
+        if path == "factored" or self._dropout_active(active):
             return False
-        return True
+        if path == "fold" or any(self.mode[a] == "parallel" for a in active):
+            return True  # a parallel update acts on kernel patches: it is always a kernel
+        if not self._adapter_needs_grad(active):
+            return True  # inference: one convolution (cached in eval mode)
+        # Training a sequential adapter: folding makes the convolution form its weight gradient; mixing
+        # the channels of every pixel costs per pixel. The cost model picks per call.
+        tokens = x.numel() // x.shape[1]
+        return all(
+            functional.prefer_fold(tokens, self.in_dim, self.out_dim, self.num_experts[a], self.r[a], True,
+                                   "sequential", self.kernel_taps, channels_first=True)
+            for a in active
+        )
 
     def _parallel_out(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         # dW acts on kernel patches: a second convolution with dW as its kernel, no bias.
