@@ -40,3 +40,25 @@ def tiny_vit(seed: int = 0, hidden_size: int = 32) -> ViTForImageClassification:
 def tiny_mlp(seed: int = 0) -> TinyMLP:
     torch.manual_seed(seed)
     return TinyMLP().eval()
+
+
+class SmallConvNet(nn.Module):
+    """Strided 3x3, 3x3 and 1x1 convolutions, then a linear head: every kind of Conv2d target."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.proj = nn.Conv2d(8, 16, 1)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.body(x))
+        x = self.proj(x).mean(dim=(2, 3))  # (batch, 16)
+        return self.head(x)
+
+
+def small_conv_net(seed: int = 0) -> SmallConvNet:
+    torch.manual_seed(seed)
+    return SmallConvNet().eval()

@@ -7,7 +7,6 @@ import json
 import warnings
 
 import pytest
-import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file

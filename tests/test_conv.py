@@ -183,49 +183,6 @@ def test_patch_embedding_with_paper_blocks_save_load(tmp_path):
         torch.testing.assert_close(merged(pixel_values=x).logits, expected, rtol=RTOL, atol=ATOL)
 
 
-# -- a small conv net through the PEFT API -------------------------------------------------
-
-
-class SmallConvNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(4, 8, 3, stride=2, padding=1)
-        self.body = nn.Conv2d(8, 8, 3, padding=1)
-        self.proj = nn.Conv2d(8, 16, 1)
-        self.head = nn.Linear(16, 4)
-
-    def forward(self, x):
-        x = torch.relu(self.stem(x))
-        x = torch.relu(self.body(x))
-        x = self.proj(x).mean(dim=(2, 3))  # (batch, 16)
-        return self.head(x)
-
-
-@pytest.mark.parametrize("mode", ["sequential", "parallel"])
-def test_small_conv_net_train_merge_save_load(mode, tmp_path):
-    torch.manual_seed(0)
-    reference = SmallConvNet().eval()
-    config = AloreConfig(r=2, num_experts=4, mode=mode, target_modules=["stem", "body", "proj"])
-    model = get_peft_model(copy.deepcopy(reference), config)
-    x = torch.randn(3, 4, 12, 12)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)  # identity at init
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    for _ in range(2):  # B starts at zero: the second step moves every factor
-        optimizer.zero_grad()
-        model(x).square().mean().backward()
-        optimizer.step()
-    with torch.no_grad():
-        trained = model(x)
-        assert (trained - reference(x)).abs().max() > 1e-4
-    model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path)
-    with torch.no_grad():
-        # A loaded adapter is frozen, and requires_grad can change the kernel path by 1 ulp.
-        torch.testing.assert_close(loaded(x), trained, rtol=RTOL, atol=ATOL)
-        torch.testing.assert_close(loaded.merge_and_unload()(x), trained, rtol=RTOL, atol=ATOL)
-
-
 @pytest.mark.parametrize("mode", ["sequential", "parallel"])
 def test_wrapped_convolutions_keep_the_attributes_model_code_reads(mode):
     # transformers' default MobileNetV2Config (tf_padding=True) reads conv.stride, kernel_size and dilation

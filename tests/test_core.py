@@ -19,9 +19,10 @@ from torch import nn
 import alore_peft
 from alore_peft import AloreConfig, AloreLayer
 
-from .models import tiny_mlp, tiny_vit
+from .models import small_conv_net, tiny_mlp, tiny_vit
+from .tolerances import TOLERANCES
 
-TOL = dict(rtol=1e-4, atol=1e-5)  # float32 end-to-end outputs
+TOL = dict(zip(("rtol", "atol"), TOLERANCES[torch.float32]))  # float32 end-to-end outputs
 
 
 @dataclass
@@ -49,6 +50,10 @@ def _mlp_input():
     return torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
 
 
+def _image_input():
+    return torch.randn(3, 4, 12, 12, generator=torch.Generator().manual_seed(0))
+
+
 def _out(model, x):
     out = model(x)
     return out.logits if hasattr(out, "logits") else out
@@ -66,6 +71,14 @@ CASES = [
     Case("vit-unshared-rules", tiny_vit, dict(r=2, num_experts=2, share_rules=False, dropout=0.1,
                                               target_modules=["q_proj", "fc2"]), _vit_input, 4,
          [(32, 32), (64, 64)] * 2),
+    # Block placement: one adapter on each attention and MLP input, folded into q/k/v and fc1.
+    Case("vit-blocks", tiny_vit, dict(r=2, num_experts=4, target_modules=["attention", "mlp"]), _vit_input, 4,
+         [(32, 32)] * 4),
+    Case("conv-sequential", small_conv_net, dict(r=2, num_experts=4, target_modules=["stem", "body", "proj"]),
+         _image_input, 3, [(4, 4), (8, 8), (8, 8)]),
+    Case("conv-parallel", small_conv_net, dict(r=2, num_experts=4, mode="parallel",
+                                               target_modules=["stem", "body", "proj"]),
+         _image_input, 3, [(8, 4 * 9), (8, 8 * 9), (16, 8)]),
 ]
 IDS = [c.name for c in CASES]
 
@@ -269,7 +282,8 @@ def test_round_trip_in_a_fresh_process(tmp_path):
     model.save_pretrained(tmp_path / "adapter")
     x = _vit_input()
     torch.save(x, tmp_path / "x.pt")
-    torch.save(_out(model, x), tmp_path / "expected.pt")
+    with torch.no_grad():  # the loaded adapter is frozen: both run the inference path
+        torch.save(_out(model.eval(), x), tmp_path / "expected.pt")
     script = textwrap.dedent(
         f"""
         import torch, alore_peft
@@ -277,7 +291,8 @@ def test_round_trip_in_a_fresh_process(tmp_path):
         from transformers import ViTForImageClassification
         base = ViTForImageClassification.from_pretrained({str(tmp_path / 'base')!r})
         model = PeftModel.from_pretrained(base, {str(tmp_path / 'adapter')!r}).eval()
-        out = model(torch.load({str(tmp_path / 'x.pt')!r})).logits
+        with torch.no_grad():
+            out = model(torch.load({str(tmp_path / 'x.pt')!r})).logits
         assert torch.equal(out, torch.load({str(tmp_path / 'expected.pt')!r})), (out,)
         print("identical")
         """

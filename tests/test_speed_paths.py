@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import copy
 import importlib
-import itertools
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from torch import nn
 
 import alore_peft.layer as L

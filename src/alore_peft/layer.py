@@ -384,7 +384,11 @@ class AloreLayer(BaseTunerLayer):
             h = h.movedim(axis, -1)  # (..., features)
             base = None if base is None else base.movedim(axis, -1)
         out = functional.apply(h, A, B, C, self.scaling[name], base=base, residual=residual)
-        return out if axis == -1 else out.movedim(-1, axis)
+        if axis == -1:
+            return out
+        # Back to the input's layout: the wrapped convolution then runs as it would on its own input.
+        out = out.movedim(-1, axis)
+        return out.contiguous() if x.is_contiguous() else out
 
     def _sequential_input(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """``x + sum_a s_a dW_a x`` over the sequential adapters."""

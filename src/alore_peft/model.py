@@ -190,13 +190,18 @@ class AloreModel(BaseTuner):
         return [(name, m) for name, m in self.model.named_modules() if isinstance(m, AloreLayer)]
 
     def _trace_pending_blocks(self) -> None:
-        """Trace blocks that a lone probe tensor could not run, with one dummy image through the model.
+        """Trace every block with the model's real arguments: one dummy image through the model.
 
         Only for models that declare their image input (a transformers vision
         config with ``num_channels`` and ``image_size``); otherwise the blocks are
-        traced at the first real forward pass.
+        traced at the first real forward pass. Traced here, a block's first real
+        call already runs the path every later call runs.
         """
-        pending = [m for _, m in self._alore_layers() if isinstance(m, AloreBlock) and m.trace is None]
+        pending = [
+            m
+            for _, m in self._alore_layers()
+            if isinstance(m, AloreBlock) and (m.trace is None or m.trace.source != "forward")
+        ]
         if not pending:
             return
         pixel_values = _dummy_pixel_values(self.model)
@@ -213,7 +218,9 @@ class AloreModel(BaseTuner):
         finally:
             for m, mode in modes:
                 m.training = mode
-        bad = [m for m in pending if m.trace is not None and not m.trace.foldable]
+                if isinstance(m, AloreLayer):
+                    m._clear_cache()  # a dummy call's folded weights are nobody's to keep
+        bad = [m for m in pending if m.trace is not None and m.trace.source == "forward" and not m.trace.foldable]
         if bad:
             raise ValueError(bad[0].unfoldable_message(bad[0].trace))
 
