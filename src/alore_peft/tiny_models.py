@@ -320,8 +320,7 @@ def _upernet(backbone: str) -> Callable[[], nn.Module]:
         config = UperNetConfig(
             backbone_config=backbone_config,
             hidden_size=16,
-            auxiliary_in_channels=_last_width(backbone_config),
-            auxiliary_channels=8,
+            use_auxiliary_head=False,  # it reads the third feature map; the tiny backbones have two
             pool_scales=[1, 2],
             num_labels=3,
             image_size=IMAGE_SIZE,
@@ -337,17 +336,10 @@ def _stage_names(model_type: str) -> list[str]:
     return [name for name in config.stage_names if name != "stem"]
 
 
-def _last_width(backbone_config) -> int:
-    widths = getattr(backbone_config, "hidden_sizes", None)
-    if widths:
-        return widths[-1]
-    return backbone_config.embed_dim * 2 ** (len(backbone_config.depths) - 1)
-
-
 def _dpt_dinov2() -> nn.Module:
     from transformers import Dinov2Config, DPTConfig, DPTForDepthEstimation
 
-    backbone = Dinov2Config(**_DINO, num_hidden_layers=4, out_features=["stage1", "stage2", "stage3", "stage4"],
+    backbone = Dinov2Config(**{**_DINO, "num_hidden_layers": 4}, out_features=["stage1", "stage2", "stage3", "stage4"],
                             reshape_hidden_states=False, apply_layernorm=True)
     config = DPTConfig(
         backbone_config=backbone,
@@ -365,15 +357,15 @@ def _dpt_dinov2() -> nn.Module:
 
 
 def _mask2former_swin() -> nn.Module:
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+    from transformers import Mask2FormerConfig, Mask2FormerModel
 
     backbone = tiny_config("swin", depths=[1, 1, 1, 1], num_heads=[2, 2, 2, 2], image_size=64, window_size=2,
                            out_features=["stage1", "stage2", "stage3", "stage4"])
     config = Mask2FormerConfig(
         backbone_config=backbone,
-        feature_size=16,
-        mask_feature_size=16,
-        hidden_dim=16,
+        feature_size=32,  # the pixel decoder's group norms have 32 groups
+        mask_feature_size=32,
+        hidden_dim=32,
         encoder_feedforward_dim=32,
         dim_feedforward=32,
         encoder_layers=1,
@@ -385,7 +377,9 @@ def _mask2former_swin() -> nn.Module:
         image_size=64,
         num_channels=3,
     )
-    return Mask2FormerForUniversalSegmentation(config)
+    # The universal-segmentation class builds its Hungarian-matching loss, which needs scipy;
+    # the model without the class and mask heads has the same backbone, pixel decoder and decoder.
+    return Mask2FormerModel(config)
 
 
 def _detr_like(name: str) -> Callable[[], nn.Module]:
@@ -400,7 +394,7 @@ def _detr_like(name: str) -> Callable[[], nn.Module]:
             use_pretrained_backbone=False,
             d_model=16,
             encoder_layers=1,
-            decoder_layers=1,
+            decoder_layers=2,  # Deformable DETR ties its box heads across decoder layers: it needs two
             encoder_attention_heads=2,
             decoder_attention_heads=2,
             encoder_ffn_dim=32,
@@ -411,8 +405,8 @@ def _detr_like(name: str) -> Callable[[], nn.Module]:
             num_channels=3,
         )
         params = inspect.signature(getattr(T, config_cls).__init__).parameters
-        if "num_feature_levels" in params:
-            kwargs.update(num_feature_levels=2, encoder_n_points=2, decoder_n_points=2)
+        if "num_feature_levels" in params:  # deformable attention; its input projections use 32-group norms
+            kwargs.update(num_feature_levels=2, encoder_n_points=2, decoder_n_points=2, d_model=32)
         kwargs = {k: v for k, v in kwargs.items() if k in params or k in ("image_size", "num_channels")}
         return getattr(T, model_cls)(getattr(T, config_cls)(**kwargs))
 
