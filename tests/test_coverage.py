@@ -72,11 +72,11 @@ class Row:
 
 
 def _output(out) -> torch.Tensor:
-    for name in ("logits", "last_hidden_state"):
-        value = getattr(out, name, None)
-        if value is not None:
-            return value
-    raise AssertionError(f"no tensor output in {type(out).__name__}")
+    """Every floating-point tensor the model returns, flattened into one (logits, boxes, masks, depth...)."""
+    values = out.to_tuple() if hasattr(out, "to_tuple") else (out if isinstance(out, tuple) else (out,))
+    tensors = [t.flatten() for t in values if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    assert tensors, f"no tensor output in {type(out).__name__}"
+    return torch.cat(tensors)
 
 
 def adapt_and_merge(model: nn.Module, targets, inputs: dict, row: Row) -> Row:

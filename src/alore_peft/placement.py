@@ -26,10 +26,10 @@ on any model from what it computes, not from module names:
 
 4. **Scope.** Only groups inside the backbone's repeated blocks are adapted:
    modules under an ``nn.ModuleList`` (the layers, stages or blocks of an
-   encoder), and, when the model holds a transformers backbone (a
-   ``BackboneMixin`` module, as in UperNet, DPT, Mask2Former or DETR), only
-   inside that backbone. Stems, poolers, necks, decode and detection heads
-   are left alone.
+   encoder) inside the model's backbone: the transformers backbone it holds
+   (a ``BackboneMixin`` module, as in UperNet, DPT, Mask2Former or DETR), or
+   else its ``base_model`` (``vit`` in ``ViTForImageClassification``). Stems,
+   poolers, necks, decode and detection heads are left alone.
 5. **Place.** For each adapted tensor, the smallest module whose call
    received exactly that tensor and inside which nothing but the group's
    consumers reads it becomes a *block* target (``AloreBlock``: one adapter
@@ -427,19 +427,36 @@ def _trace(model: nn.Module, inputs: Mapping[str, Any]) -> tuple[_Recorder, list
 
 
 def _backbone_scope(model: nn.Module) -> list[str]:
-    """Names of the transformers backbones inside ``model`` (``[""]`` if none, or if it is one)."""
+    """Where adapters may go: the transformers backbones inside ``model``, else its base model.
+
+    A model built on a backbone (UperNet, DPT, Mask2Former, DETR...) holds it as a
+    ``BackboneMixin`` module: only that is adapted, not the neck or heads around it.
+    Otherwise transformers' ``base_model`` (e.g. ``vit`` inside
+    ``ViTForImageClassification``, ``segformer`` inside the segmentation model)
+    excludes the task head. ``[""]``: the whole model.
+    """
+    backbone_cls = _backbone_mixin()
+    if backbone_cls is not None and not isinstance(model, backbone_cls):
+        names = [n for n, m in model.named_modules() if n and isinstance(m, backbone_cls)]
+        outer = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+        if outer:
+            return outer
+    base = getattr(model, "base_model", model)
+    if isinstance(base, nn.Module) and base is not model:
+        name = next((n for n, m in model.named_modules() if m is base), "")
+        return [name]
+    return [""]
+
+
+def _backbone_mixin() -> Optional[type]:
     try:
         from transformers.backbone_utils import BackboneMixin
-    except ImportError:  # older transformers 5.x
+    except ImportError:  # transformers before the module moved
         try:
             from transformers.utils.backbone_utils import BackboneMixin
         except ImportError:
-            return [""]
-    if isinstance(model, BackboneMixin):
-        return [""]
-    names = [n for n, m in model.named_modules() if n and isinstance(m, BackboneMixin)]
-    outer = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
-    return outer or [""]
+            return None
+    return BackboneMixin
 
 
 def _within(name: str, prefix: str) -> bool:
@@ -624,7 +641,8 @@ def _choose(a: _Analysis, placement: Placement, scope: list[str], groups: list, 
     chosen: dict[str, Site] = {}
     for x, calls, weights, layers, kind, _ in groups:
         if not all(any(_within(layer, s) for s in scope) for layer in layers):
-            placement.skipped.append(Skipped(layers, kind, f"outside the backbone ({', '.join(scope)})"))
+            where = ", ".join(scope)
+            placement.skipped.append(Skipped(layers, kind, f"outside the backbone or base model ({where})"))
             continue
         if not all(a.in_blocks(layer) for layer in layers):
             placement.skipped.append(Skipped(layers, kind, "not inside a repeated block (an nn.ModuleList element)"))

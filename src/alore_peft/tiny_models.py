@@ -11,13 +11,12 @@ anyone who wants to try ALoRE on an architecture without its weights::
     model = tiny_model("resnet")
     logits = model(**example_inputs(model)).logits
 
-Some types cannot be built small here; :data:`NOT_BUILDABLE` says why for
-each, and :func:`tiny_model` raises :class:`TinyModelUnavailable` with that reason.
+A type that cannot be built here (an optional package such as ``natten`` or
+``timm`` is missing) raises :class:`TinyModelUnavailable` with the reason.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 from typing import Any, Callable, Optional
 
@@ -27,7 +26,6 @@ from torch import nn
 __all__ = [
     "IMAGE_SIZE",
     "TINY_CONFIGS",
-    "NOT_BUILDABLE",
     "DENSE_MODELS",
     "TinyModelUnavailable",
     "image_classification_types",
@@ -231,10 +229,6 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "vit_msn": _VIT,
 }
 
-# model_type -> why it cannot be built small here (checked by the coverage test: each still fails).
-NOT_BUILDABLE: dict[str, str] = {}
-
-
 class TinyModelUnavailable(RuntimeError):
     """A model type that cannot be built small in this environment (the message says why)."""
 
@@ -413,6 +407,38 @@ def _detr_like(name: str) -> Callable[[], nn.Module]:
     return build
 
 
+def _rt_detr() -> nn.Module:
+    from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrResNetConfig
+
+    backbone = RTDetrResNetConfig(
+        embedding_size=8, hidden_sizes=[16, 32, 64, 64], depths=[1, 1, 1, 1], out_features=["stage2", "stage3", "stage4"]
+    )
+    config = RTDetrConfig(
+        backbone_config=backbone,
+        encoder_in_channels=[32, 64, 64],
+        encoder_hidden_dim=32,
+        encoder_ffn_dim=64,
+        encoder_attention_heads=2,
+        d_model=32,
+        decoder_in_channels=[32, 32, 32],
+        decoder_ffn_dim=64,
+        decoder_layers=1,
+        decoder_attention_heads=2,
+        num_queries=4,
+        num_denoising=0,
+        num_labels=3,
+        image_size=64,
+        num_channels=3,
+    )
+    return RTDetrForObjectDetection(config)
+
+
+def _segformer() -> nn.Module:
+    from transformers import SegformerForSemanticSegmentation
+
+    return SegformerForSemanticSegmentation(tiny_config("segformer", num_labels=3))
+
+
 _DETR_CLASSES = {
     "detr": ("DetrConfig", "DetrForObjectDetection"),
     "conditional_detr": ("ConditionalDetrConfig", "ConditionalDetrForObjectDetection"),
@@ -428,6 +454,8 @@ DENSE_MODELS: dict[str, Callable[[], nn.Module]] = {
     "dpt-dinov2": _dpt_dinov2,
     "mask2former-swin": _mask2former_swin,
     **{name: _detr_like(name) for name in _DETR_CLASSES},
+    "rt_detr": _rt_detr,
+    "segformer": _segformer,
 }
 
 
@@ -451,7 +479,3 @@ def example_inputs(model: nn.Module, batch_size: int = 2, seed: int = 0) -> dict
     from .placement import example_inputs as from_config
 
     return from_config(model, batch_size=batch_size, seed=seed)
-
-
-def has_package(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
