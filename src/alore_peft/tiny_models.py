@@ -384,6 +384,7 @@ def _detr_like(name: str) -> Callable[[], nn.Module]:
         backbone = tiny_config("resnet", out_features=["stage1", "stage2"])
         kwargs: dict[str, Any] = dict(
             backbone_config=backbone,
+            backbone=None,  # transformers before 5.x.y default it to "resnet50" and refuse both
             use_timm_backbone=False,
             use_pretrained_backbone=False,
             d_model=16,
