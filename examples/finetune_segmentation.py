@@ -23,7 +23,7 @@ from torch import nn
 
 from alore_peft import AloreConfig
 from alore_peft.placement import find_placement
-from alore_peft.tiny_models import DENSE_MODELS, tiny_dense_model
+from alore_peft.tiny_models import tiny_dense_model
 
 HEADS = {"segformer": "decode_head", "upernet-convnext": "decode_head", "upernet-swin": "decode_head"}
 
@@ -64,9 +64,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     print(placement)
     # The decode head is new for the task: its linear and conv layers are trained in full and saved.
     head = HEADS[args.model]
-    head_layers = [
-        f"{head}.{name}" for name, m in model.get_submodule(head).named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
-    ]
+    layers = model.get_submodule(head).named_modules()
+    head_layers = [f"{head}.{name}" for name, m in layers if isinstance(m, (nn.Linear, nn.Conv2d))]
     config = AloreConfig(target_modules=placement.targets, modules_to_save=head_layers)
     model = get_peft_model(model, config)
     model.print_trainable_parameters()

@@ -69,7 +69,8 @@ def main() -> None:
     losses = []
     per_rank = BATCH // world
     for images, labels in batches():
-        images, labels = images[rank * per_rank : (rank + 1) * per_rank], labels[rank * per_rank : (rank + 1) * per_rank]
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)  # this rank's half of the batch
+        images, labels = images[mine], labels[mine]
         loss = F.cross_entropy(model(pixel_values=images).logits, labels)
         optimizer.zero_grad()
         loss.backward()

@@ -239,5 +239,88 @@ def test_docs_example_runs(capsys):
     assert any(isinstance(m, AloreLayer) for m in namespace["model"].modules())
 
 
+# -- the rules on toy models -----------------------------------------------------------------
+
+
+class _MLP(nn.Module):
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2, self.inplace = nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8), inplace
+
+    def forward(self, h):
+        if self.inplace:
+            h.add_(1.0)  # writes into the container's input: the adapted input would be shifted too
+        return self.fc2(self.act(self.fc1(h)))
+
+
+class _Block(nn.Module):
+    """A pre-norm MLP block, with a constant table read by a layer, and optionally fc1's weight used elsewhere."""
+
+    def __init__(self, inplace: bool = False, tied: bool = False) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.mlp = _MLP(inplace)
+        self.tied = tied
+        self.table = nn.Parameter(torch.randn(4, 8))  # like a position-bias table
+        self.bias_mlp = nn.Linear(8, 32)
+
+    def forward(self, x):
+        out = x + self.mlp(self.norm(x))
+        if self.tied:
+            out = out + nn.functional.linear(out, self.mlp.fc1.weight).mean(-1, keepdim=True)
+        return out + torch.relu(self.bias_mlp(self.table)).mean()
+
+
+class _Toy(nn.Module):
+    def __init__(self, **kwargs) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([_Block(**kwargs), _Block(**kwargs)])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def _toy_placement(**kwargs):
+    torch.manual_seed(0)
+    model = _Toy(**kwargs).eval()
+    return model, find_placement(model, example_inputs={"x": torch.randn(2, 5, 8)})
+
+
+def test_rule_container_whose_input_feeds_only_the_expansion():
+    model, placement = _toy_placement()
+    assert [(s.target, s.kind, s.placement) for s in placement.sites] == [
+        ("blocks.0.mlp", "mlp", "block"), ("blocks.1.mlp", "mlp", "block")
+    ]
+    assert placement.targets == r"blocks\.\d+\.mlp"
+    reasons = {k.consumers[0]: k.reason for k in placement.skipped}
+    assert reasons["blocks.0.bias_mlp"].startswith("does not depend on the image")  # a constant table
+    assert reasons["head"].startswith("a projection with no activation")
+    assert reasons["blocks.0.mlp.fc2"].startswith("a projection with no activation")
+    row = adapt_and_merge(model, placement.targets, {"x": torch.randn(2, 5, 8)}, Row("toy", "adapted"))
+    assert row.ran == row.wrapped == 2
+
+
+def test_rule_in_place_write_on_the_input_rules_the_container_out():
+    model, placement = _toy_placement(inplace=True)
+    site = placement.sites[0]
+    assert (site.target, site.placement) == ("blocks.0.mlp.fc1", "layer")
+    assert "add_ reads it" in site.why
+    adapt_and_merge(model, placement.targets, {"x": torch.randn(2, 5, 8)}, Row("toy", "adapted"))
+
+
+def test_rule_a_weight_used_on_two_tensors_is_not_adapted():
+    _, placement = _toy_placement(tied=True)
+    assert not placement.sites
+    assert any("also used by linear" in k.reason for k in placement.skipped), placement.table()
+
+
+def test_no_example_input_is_a_clear_error():
+    with pytest.raises(PlacementError, match="example_inputs="):
+        find_placement(_Toy())
+
+
 if __name__ == "__main__":
     print(coverage_table())

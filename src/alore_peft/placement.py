@@ -165,7 +165,8 @@ class Placement:
 
     def table(self) -> str:
         """A plain-text table of the sites and skipped groups, for people."""
-        lines = [f"ALoRE placement of {self.model_class} (scope: {', '.join(s or '<whole model>' for s in self.scope)})"]
+        scope = ", ".join(s or "<whole model>" for s in self.scope)
+        lines = [f"ALoRE placement of {self.model_class} (scope: {scope})"]
         if not self.sites:
             lines.append("  no tensor qualifies: nothing is adapted")
         width = max((len(s.target) for s in self.sites), default=6)
@@ -205,7 +206,8 @@ def _compress(names: list[str]) -> Optional[str]:
     middles = list(dict.fromkeys(r"\.".join(p[head : len(p) - tail]) for p in patterns))
     if any(not m for m in middles):
         return None
-    parts = patterns[0][:head] + ["(" + "|".join(middles) + ")"] + (patterns[0][len(patterns[0]) - tail :] if tail else [])
+    suffix = patterns[0][len(patterns[0]) - tail :] if tail else []
+    parts = patterns[0][:head] + ["(" + "|".join(middles) + ")"] + suffix
     return r"\.".join(parts)
 
 
@@ -292,8 +294,7 @@ def _flat_tensors(obj: Any, out: list) -> list:
 
 
 def _func_name(func: Any) -> str:
-    name = getattr(func, "__name__", None) or repr(func)
-    return name
+    return getattr(func, "__name__", None) or repr(func)
 
 
 @dataclass
@@ -339,8 +340,9 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         in_tensors = _flat_tensors(args, []) + _flat_tensors(kwargs, [])
+        versions = [t._version for t in in_tensors]  # bumped by in-place writes (add_, x[...] = y, out=)
+        out = func(*args, **kwargs)
         out_tensors = _flat_tensors(out, [])
         name = _func_name(func)
         call = _Call(
@@ -351,8 +353,10 @@ class _Recorder(TorchFunctionMode):
         )
         if any(func == m for m in _METADATA_FUNCS):
             call.metadata = True
-        elif any(o is i for o in out_tensors for i in in_tensors) and not name.endswith("_") and "__i" not in name:
-            call.noop = True  # e.g. .contiguous() on a contiguous tensor; in-place ops are real uses
+        elif any(o is i for o in out_tensors for i in in_tensors) and all(
+            t._version == v for t, v in zip(in_tensors, versions)
+        ):
+            call.noop = True  # e.g. .contiguous() on a contiguous tensor; an in-place write is a real use
         is_linear = any(func is f for f in _LINEAR_FUNCS)
         is_conv = any(func is f for f in _CONV2D_FUNCS)
         if is_linear or is_conv:
@@ -511,7 +515,7 @@ class _Analysis:
         return groups
 
     def reaches(self, calls: list[_Call], names: set[str], depth: int, stop: frozenset = frozenset()) -> bool:
-        """Whether an output of ``calls`` reaches a call named in ``names`` before another layer (or a ``stop`` call)."""
+        """Whether an output of ``calls`` reaches a call in ``names`` before another layer or a ``stop`` call."""
         frontier = [(n, 0) for c in calls for n in c.outputs]
         seen = set()
         while frontier:
@@ -535,7 +539,10 @@ class _Analysis:
         if x not in self.derived:
             return "other", "does not depend on the image (a constant such as a position-bias table, or a text input)"
         if any(c.weight is None for c in calls):
-            return "other", "a consumer's weight is computed at every call (e.g. weight standardisation), so it cannot absorb an adapter"
+            return "other", (
+                "a consumer's weight is computed at every call (e.g. weight standardisation), so it cannot absorb "
+                "an adapter"
+            )
         if self.reaches(calls, _ATTENTION_FUNCS, _ATTENTION_DEPTH):
             return "attention", ""
         widen = all(c.weight_shape[0] > c.weight_shape[1] * c.groups for c in calls)
@@ -547,7 +554,7 @@ class _Analysis:
         keep = all(c.weight_shape[0] >= c.weight_shape[1] for c in calls)
         if pointwise and keep:
             if self.reaches(calls, _GATES, _ACTIVATION_DEPTH, _NORMS):
-                return "other", "a squeeze-and-excitation gate (its output goes through a sigmoid to scale the features)"
+                return "other", "a squeeze-and-excitation gate (a sigmoid of its output scales the features)"
             return "pointwise", ""
         if pointwise:
             return "other", "1x1 convolution(s) that reduce the channels"
@@ -631,7 +638,7 @@ def find_placement(
         placement.skipped.extend(Skipped(layers, "other", reason) for _, _, _, layers, _, _ in convs)
     else:  # a plain k x k CNN: adapters on the inputs of its dense convolutions
         chosen = _choose(a, placement, scope, convs, num_experts)
-    placement.skipped.extend(Skipped(layers, kind, reason) for _, _, _, layers, kind, reason in groups if kind == "other")
+    placement.skipped.extend(Skipped(g[3], g[4], g[5]) for g in groups if g[4] == "other")
     placement.sites = _resolve_nesting(a, list(chosen.values()))
     return placement
 
@@ -664,7 +671,6 @@ def _choose(a: _Analysis, placement: Placement, scope: list[str], groups: list, 
 
 def _place(a: _Analysis, x: int, calls: list[_Call], weights: list[str], layers: list[str], kind: str, width: int):
     """The smallest exact container for tensor ``x``, else its consumer layers; (sites, None) or (None, reason)."""
-    consumer_calls = {c.index for c in calls}
     # Candidate containers: modules called on exactly this tensor that hold every consumer.
     candidates: dict[str, list[_ModuleCall]] = defaultdict(list)
     for mc in a.module_calls:
@@ -737,7 +743,10 @@ def _block_width_problem(container: nn.Module, kind: str, width: int) -> Optiona
 
 
 def _resolve_nesting(a: _Analysis, sites: list[Site]) -> list[Site]:
-    """A container that holds another target is replaced by its consumer layers (an adapter must not fold into an adapted layer)."""
+    """A container that holds another target gives way to its consumer layers.
+
+    (Its adapter would be folded into layers that carry adapters of their own.)
+    """
     out: list[Site] = []
     targets = {s.target for s in sites}
     for s in sites:
@@ -745,8 +754,8 @@ def _resolve_nesting(a: _Analysis, sites: list[Site]) -> list[Site]:
         if s.placement == "block" and nested:
             for layer in s.consumers:
                 if layer not in targets:
-                    out.append(Site(layer, "layer", s.kind, [layer], s.width,
-                                    f"'{s.target}' also holds the target '{nested[0]}': an adapter on the layer instead"))
+                    why = f"'{s.target}' also holds the target '{nested[0]}': an adapter on the layer instead"
+                    out.append(Site(layer, "layer", s.kind, [layer], s.width, why))
             continue
         out.append(s)
     return out

@@ -18,7 +18,7 @@ A type that cannot be built here (an optional package such as ``natten`` or
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -45,7 +45,9 @@ _VIT = dict(
     image_size=IMAGE_SIZE,
     patch_size=8,
 )
-_DINO = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=IMAGE_SIZE, patch_size=8)
+_DINO = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=IMAGE_SIZE, patch_size=8
+)
 _TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=99)
 _SWIN = dict(image_size=IMAGE_SIZE, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4)
 _CONVNEXT = dict(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, image_size=IMAGE_SIZE, layer_scale_init_value=1.0)
@@ -68,7 +70,9 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     ),
     "data2vec-vision": dict(_VIT, use_relative_position_bias=True),
     "deit": _VIT,
-    "dinat": dict(embed_dim=16, depths=[1, 1], num_heads=[2, 2], kernel_size=3, dilations=[[1], [1]], image_size=IMAGE_SIZE),
+    "dinat": dict(
+        embed_dim=16, depths=[1, 1], num_heads=[2, 2], kernel_size=3, dilations=[[1], [1]], image_size=IMAGE_SIZE
+    ),
     "dinov2": _DINO,
     "dinov2_with_registers": _DINO,
     "donut-swin": _SWIN,
@@ -211,7 +215,9 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     ),
     "siglip": dict(vision_config=_VIT, text_config=_TEXT),
     "siglip2": dict(vision_config=dict(_VIT, num_patches=16), text_config=_TEXT),
-    "swiftformer": dict(image_size=IMAGE_SIZE, depths=[1, 1, 1, 1], embed_dims=[16, 16, 32, 32], layer_scale_init_value=1.0),
+    "swiftformer": dict(
+        image_size=IMAGE_SIZE, depths=[1, 1, 1, 1], embed_dims=[16, 16, 32, 32], layer_scale_init_value=1.0
+    ),
     "swin": _SWIN,
     "swinv2": _SWIN,
     "textnet": dict(
@@ -412,7 +418,10 @@ def _rt_detr() -> nn.Module:
     from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrResNetConfig
 
     backbone = RTDetrResNetConfig(
-        embedding_size=8, hidden_sizes=[16, 32, 64, 64], depths=[1, 1, 1, 1], out_features=["stage2", "stage3", "stage4"]
+        embedding_size=8,
+        hidden_sizes=[16, 32, 64, 64],
+        depths=[1, 1, 1, 1],
+        out_features=["stage2", "stage3", "stage4"],
     )
     config = RTDetrConfig(
         backbone_config=backbone,
