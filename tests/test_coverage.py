@@ -38,7 +38,7 @@ from .tolerances import TOLERANCES
 RTOL, ATOL = TOLERANCES[torch.float32]
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "coverage.md"
 TYPES = image_classification_types()
-MIN_ADAPTED = 35  # of the types that build small and run on an image
+MIN_ADAPTED = 37  # of the types that build small and run on an image
 
 # model_type -> (status, text its reason must contain). Every other type must be "adapted".
 EXPECTED = {
@@ -50,9 +50,6 @@ EXPECTED = {
 }
 # Packages whose absence is the reason a type is not built: with the package, the type must build.
 NEEDS_PACKAGE = {"dinat": "natten", "timm_wrapper": "timm"}
-# Types whose layer targets are read by their parent module (conv.stride for TensorFlow padding):
-# the ALoRE layer must expose its base layer's attributes.
-NEEDS_ATTRIBUTE_FORWARDING = {"mobilenet_v1", "mobilenet_v2"}
 
 
 @dataclass
@@ -140,21 +137,7 @@ def _expected(model_type: str) -> tuple[str, str]:
     return EXPECTED.get(model_type, ("adapted", ""))
 
 
-def _params(types):
-    for t in types:
-        marks = []
-        if t in NEEDS_ATTRIBUTE_FORWARDING:
-            marks.append(
-                pytest.mark.xfail(
-                    strict=True,
-                    reason="its parent module reads conv.stride of the adapted layer; ALoRE layers do not forward "
-                    "attribute reads to their base layer yet",
-                )
-            )
-        yield pytest.param(t, marks=marks, id=t)
-
-
-@pytest.mark.parametrize("model_type", list(_params(TYPES)))
+@pytest.mark.parametrize("model_type", TYPES)
 def test_traced_placement_adapts_and_merges_exactly(model_type):
     row = survey(model_type)
     status, reason = _expected(model_type)

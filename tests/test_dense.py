@@ -21,7 +21,6 @@ BackboneMixin = _backbone_mixin()
 # Models without a transformers backbone module: the placement stays in their base model.
 NO_BACKBONE = {"segformer"}
 # Detectors with tied box heads: PEFT asks them for their input embeddings, which they do not have.
-NEEDS_TIED_EMBEDDING_FIX = {"deformable_detr", "dab-detr"}
 # kinds of adapted inputs per model: transformers backbones get attention and MLP inputs, CNNs pointwise ones
 KINDS = {
     "upernet-convnext": {"mlp"},
@@ -51,21 +50,7 @@ def test_placement_stays_in_the_backbone(name):
     assert outside, placement.table()
 
 
-def _params():
-    for name in sorted(DENSE_MODELS):
-        marks = []
-        if name in NEEDS_TIED_EMBEDDING_FIX:
-            marks.append(
-                pytest.mark.xfail(
-                    strict=True,
-                    raises=NotImplementedError,
-                    reason="PEFT's tied-weight check calls get_input_embeddings(), which this detector does not have",
-                )
-            )
-        yield pytest.param(name, marks=marks, id=name)
-
-
-@pytest.mark.parametrize("name", list(_params()))
+@pytest.mark.parametrize("name", sorted(DENSE_MODELS))
 def test_backbone_adapters_merge_exactly(name):
     model = tiny_dense_model(name)
     placement = find_placement(model)

@@ -173,8 +173,8 @@ def _t(m: torch.Tensor) -> torch.Tensor:
 
 
 def _flat(t: torch.Tensor, *shape: int) -> torch.Tensor:
-    """``t.view(shape)`` when ``t`` is contiguous (one operator), else a copy."""
-    return t.view(*shape) if t.is_contiguous() else t.reshape(*shape)
+    """``t`` as a contiguous tensor of ``shape``: a view (one operator) when ``t`` is contiguous, else a copy."""
+    return t.view(*shape) if t.is_contiguous() else t.reshape(*shape).contiguous()
 
 
 def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:

@@ -27,6 +27,7 @@ from . import functional
 from .block import AloreBlock, check_block_mode, probe_block
 from .config import AloreConfig
 from .layer import AloreLayer, Conv2d, Linear, check_conv, check_divisible
+from .placement import PlacementError, find_placement
 from .presets import DEFAULT_TARGET_MODULES, default_targets, missing_targets_message
 from .trace import ContainerProbe
 
@@ -61,13 +62,48 @@ class AloreModel(BaseTuner):
         self.alore_rules = nn.ParameterDict({})  # adapter name -> (n, n, n)
 
     def _prepare_adapter_config(self, peft_config: AloreConfig, model_config: dict) -> AloreConfig:
-        if peft_config.target_modules is None:
-            model_type = model_config.get("model_type")
-            targets = default_targets(model_type, getattr(self, "model", None))
-            if targets is None:
-                raise ValueError(missing_targets_message(model_type, getattr(self, "model", None)))
-            peft_config.target_modules = set(targets) if isinstance(targets, (list, tuple, set)) else targets
+        """With ``target_modules=None``: the paper's placement, traced from the model (:mod:`alore_peft.placement`).
+
+        A model that cannot be traced (no example input can be built from its
+        config, e.g. a timm model) falls back to its preset
+        (:mod:`alore_peft.presets`). The resolved targets are what
+        ``adapter_config.json`` records, so loading never traces.
+        """
+        if peft_config.target_modules is not None:
+            return peft_config
+        model = getattr(self, "model", None)
+        model_type = model_config.get("model_type")
+        traced_error = None
+        targets = None
+        try:
+            placement = find_placement(model, num_experts=peft_config.num_experts)
+        except PlacementError as exc:
+            traced_error = str(exc)
+        else:
+            if placement.sites:
+                self.placement = placement
+                targets = placement.targets
+            else:
+                traced_error = "tracing found no tensor to adapt:\n" + placement.table()
+        if targets is None:
+            targets = default_targets(model_type, model)
+        if targets is None:
+            raise ValueError(f"{missing_targets_message(model_type, model)}\n(Tracing the model: {traced_error})")
+        peft_config.target_modules = set(targets) if isinstance(targets, (list, tuple, set)) else targets
         return peft_config
+
+    def print_placement(self) -> None:
+        """Print where the adapters sit: the traced placement and why, or the adapted modules."""
+        placement = getattr(self, "placement", None)
+        if placement is not None:
+            print(placement.table())
+            return
+        lines = ["module | placement | mode | width"]
+        for name, layer in self._alore_layers():
+            kind = "block" if isinstance(layer, AloreBlock) else "layer"
+            modes = ", ".join(sorted(set(layer.mode.values())))
+            lines.append(f"{name} | {kind} | {modes} | {layer.in_dim}")
+        print("\n".join(lines))
 
     # -- injection: check every target first, roll back if anything still fails -------
     def _prepare_model(self, peft_config: AloreConfig, model: nn.Module) -> None:
@@ -178,12 +214,20 @@ class AloreModel(BaseTuner):
             )
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        if isinstance(child, AloreBlock) and new_module is child.get_base_layer():
-            # Unloading a block: the container goes back as it is. (PEFT's version would
-            # copy a `weight` attribute, which a container does not have.)
+        if not isinstance(new_module, AloreLayer):
+            # Unloading (a block's container, or a module kept by modules_to_save): it goes back as it is.
+            # (PEFT's version would copy a `weight` attribute, which a container does not have.)
             setattr(parent, child_name, new_module)
             return
         super()._replace_module(parent, child_name, new_module, child)
+
+    def _get_module_names_tied_with_embedding(self) -> list[str]:
+        # PEFT asks transformers for the input embeddings; vision models without any (DETR-style detectors)
+        # raise NotImplementedError: nothing is tied to an embedding there.
+        try:
+            return super()._get_module_names_tied_with_embedding()
+        except NotImplementedError:
+            return []
 
     # -- block placement: trace before anything is merged ---------------------------
     def _alore_layers(self) -> list[tuple[str, AloreLayer]]:

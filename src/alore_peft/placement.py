@@ -59,7 +59,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .block import _CONV2D_FUNCS, _LINEAR_FUNCS, _METADATA_FUNCS, _candidate_layers, _probe, _width_and_axis, find_input
+from .trace import CONV2D_FUNCS, LINEAR_FUNCS, METADATA_FUNCS, find_input, probe_container
 
 __all__ = ["Site", "Skipped", "Placement", "find_placement", "example_inputs", "PlacementError", "KINDS"]
 
@@ -351,14 +351,14 @@ class _Recorder(TorchFunctionMode):
             inputs=tuple(self.node(t) for t in in_tensors),
             outputs=tuple(self.node(t) for t in out_tensors),
         )
-        if any(func == m for m in _METADATA_FUNCS):
+        if any(func == m for m in METADATA_FUNCS):
             call.metadata = True
         elif any(o is i for o in out_tensors for i in in_tensors) and all(
             t._version == v for t, v in zip(in_tensors, versions)
         ):
             call.noop = True  # e.g. .contiguous() on a contiguous tensor; an in-place write is a real use
-        is_linear = any(func is f for f in _LINEAR_FUNCS)
-        is_conv = any(func is f for f in _CONV2D_FUNCS)
+        is_linear = any(func is f for f in LINEAR_FUNCS)
+        is_conv = any(func is f for f in CONV2D_FUNCS)
         if is_linear or is_conv:
             x = args[0] if args else kwargs.get("input")
             w = args[1] if len(args) > 1 else kwargs.get("weight")
@@ -724,18 +724,13 @@ def _place(a: _Analysis, x: int, calls: list[_Call], weights: list[str], layers:
 def _block_width_problem(container: nn.Module, kind: str, width: int) -> Optional[str]:
     """Why :class:`~alore_peft.block.AloreBlock` would give this container another width than its input's.
 
-    The block takes its width from the first layer inside (in registration order)
-    whose input size the container accepts on a probe, else the first one.
+    The block takes its width as :func:`alore_peft.trace.probe_container` picks it.
     """
-    candidates = _candidate_layers(container)
-    if not candidates:
+    found = probe_container(container)
+    if found is None:
         return "it holds no torch.nn.Linear or Conv2d"
-    ref_name, ref = candidates[0]
-    for name, layer in candidates:
-        if _probe(container, layer) is not None:
-            ref_name, ref = name, layer
-            break
-    ref_width, _ = _width_and_axis(ref)
+    ref_name, ref_width = found.ref_name, found.in_dim
+    ref = container.get_submodule(ref_name)
     ref_kind = "linear" if isinstance(ref, nn.Linear) else "conv2d"
     if (ref_kind, ref_width) != (kind, width):
         return f"an adapter on it would take the width of '{ref_name}' ({ref_width}), not its input's ({width})"

@@ -35,6 +35,9 @@ __all__ = [
     "probe",
     "ContainerProbe",
     "probe_container",
+    "METADATA_FUNCS",
+    "LINEAR_FUNCS",
+    "CONV2D_FUNCS",
 ]
 
 # Keyword names under which containers receive their input when it is not positional.
@@ -69,9 +72,9 @@ _METADATA_PROPERTIES = [
     "grad_fn",
 ]
 # Property reads reach the mode as the getter (a method-wrapper, compared by ==).
-_METADATA_FUNCS = _METADATA_METHODS + [getattr(torch.Tensor, name).__get__ for name in _METADATA_PROPERTIES]
-_LINEAR_FUNCS = [torch.nn.functional.linear]
-_CONV2D_FUNCS = [torch.nn.functional.conv2d, torch.conv2d]
+METADATA_FUNCS = _METADATA_METHODS + [getattr(torch.Tensor, name).__get__ for name in _METADATA_PROPERTIES]
+LINEAR_FUNCS = [torch.nn.functional.linear]
+CONV2D_FUNCS = [torch.nn.functional.conv2d, torch.conv2d]
 
 
 def _contains(obj: Any, target: torch.Tensor) -> bool:
@@ -98,13 +101,16 @@ class _InputUseRecorder(TorchFunctionMode):
     def __init__(self, x: torch.Tensor) -> None:
         super().__init__()
         self.x = x
-        self.uses: list[tuple[Any, tuple, dict, bool]] = []  # (func, args, kwargs, returned x itself)
+        self.uses: list[tuple[Any, tuple, dict, bool]] = []  # (func, args, kwargs, returned x unchanged)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        version = self.x._version
         out = func(*args, **kwargs)
         if _contains(args, self.x) or _contains(kwargs, self.x):
-            self.uses.append((func, args, kwargs, out is self.x))
+            # A call that hands x back is a harmless no-op (.contiguous() on a contiguous tensor), unless it
+            # wrote into x (an in-place op bumps its version counter).
+            self.uses.append((func, args, kwargs, out is self.x and self.x._version == version))
         return out
 
 
@@ -176,10 +182,10 @@ def trace_container(
             )
     axis = feature_dim % x.dim()
     for func, f_args, f_kwargs, returned_x in recorder.uses:
-        if returned_x or any(func == m for m in _METADATA_FUNCS):
+        if returned_x or any(func == m for m in METADATA_FUNCS):
             continue  # reads metadata, or a no-op such as .contiguous() on a contiguous tensor
-        is_linear = any(func is f for f in _LINEAR_FUNCS)
-        is_conv = any(func is f for f in _CONV2D_FUNCS)
+        is_linear = any(func is f for f in LINEAR_FUNCS)
+        is_conv = any(func is f for f in CONV2D_FUNCS)
         inp = f_args[0] if f_args else f_kwargs.get("input")
         weight = f_args[1] if len(f_args) > 1 else f_kwargs.get("weight")
         if not (is_linear or is_conv) or inp is not x or weight is x:
