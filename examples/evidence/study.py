@@ -733,11 +733,13 @@ def run_study(args: argparse.Namespace) -> dict:
     methods = {b: {m: methods_all[b][m] for m in ms} for b, ms in selection.items()}
     if args.sweep:
         not_adapters = [f"{b}:{m}" for b, ms in methods.items() for m in ms if m in GRIDS]
-        if not_adapters or args.ablation or args.setting:
+        if not_adapters:
             raise ValueError(
-                f"--sweep varies an adapter's lr and scale; {not_adapters or '--ablation/--setting'} cannot be swept. "
+                f"--sweep varies an adapter's lr and scale; {', '.join(not_adapters)} has no scale to sweep. "
                 "Name adapter methods only, e.g. --methods dinov2:lora,alore_par,alore_seq."
             )
+        if args.ablation or args.setting:
+            raise ValueError("--sweep sets its own lr x scale cells; drop --ablation and --setting.")
     seeds = args.seeds
     cfg = {
         "batch": args.batch,
@@ -752,8 +754,8 @@ def run_study(args: argparse.Namespace) -> dict:
         "seeds": seeds,
         "grids": {},
         "quick": quick,
-        "grid_mode": "first" if quick else (
-            "sweep" if args.sweep else "setting" if args.setting or args.full_lr is not None else args.grid
+        "grid_mode": "sweep" if args.sweep else "first" if quick else (
+            "setting" if args.setting or args.full_lr is not None else args.grid
         ),
         "ablation": bool(args.ablation),
     }
