@@ -243,6 +243,11 @@ def test_sweep_tests_every_cell_and_the_report_gives_the_drop(study, bundle_dir,
     )  # fmt: skip
     sweep = json.loads((out / "sweep.json").read_text())
     assert sweep["kind"] == "quick" and sweep["config"]["grid_mode"] == "sweep"
+    args = ["--bundle", str(bundle_dir), "--device", "cpu", "--out", str(out), "--quick", "--sweep", "--resume"]
+    with pytest.raises(ValueError, match="--resume: .* was written with methods="):
+        _load("study").main([*args, "--methods", "dinov2:lora"])
+    resumed = _load("study").main([*args, "--methods", "dinov2:lora,alore_seq"])  # nothing left to run
+    assert resumed["runs"] == sweep["runs"] and len(resumed["resumed"]) == 1
     corner = {"lr": 3e-3, "scale": 4.0}
     assert [(r["method"], r["hparams"]) for r in sweep["runs"]] == [("lora", corner), ("alore_seq", corner)]
     for run in sweep["runs"]:  # every cell is tested, none is selected

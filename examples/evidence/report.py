@@ -578,6 +578,10 @@ def _run_line(run: dict) -> str:
         f"({grids}), on {env['device_name']} ({env['device']}, {env['torch_threads']} thread(s)), "
         f"{run.get('elapsed_s', 0) / 60:.0f} min. Command: `{run.get('command')}`."
     )
+    if run.get("resumed"):
+        text = text[:-1] + ", continuing " + "; ".join(
+            f"`{r['command']}` ({r['runs']} runs done)" for r in run["resumed"]
+        ) + "."
     if env["device"] == "cpu":
         text += (
             " Its epoch times come from a shared CPU whose load changed between runs: they do not compare the "

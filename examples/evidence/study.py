@@ -48,7 +48,7 @@ every adapter method trains each lr x scale cell of ``SWEEP_LRS`` x ``SWEEP_SCAL
 (3x the grid's largest lr, 4x its largest scale) and every cell is tested; the first
 seed runs all nine cells, the later seeds rerun the cells past the grid and the grid's
 top corner (``sweep_cells``); each run records whether it diverged (``divergence``).
-Writes ``OUT/sweep.json``::
+Writes ``OUT/sweep.json``; ``--resume`` continues one that was cut short::
 
     python examples/evidence/study.py --bundle .evidence_bundle --device cpu --out OUT --sweep \
         --methods dinov2:lora,alore_par,alore_seq --seeds 0 1 2 --image-size 56 --epochs 6 --threads 1
@@ -661,6 +661,45 @@ def summarize_sweep(runs: list[dict], methods: dict) -> list[dict]:
     return rows
 
 
+def resume_sweep(result: dict, out_file: Path, args: argparse.Namespace) -> float:
+    """``--resume``: take the finished runs of ``out_file`` into ``result``; return the time they took.
+
+    Refuses a file written with another image size, epoch count, batch, device or
+    method list, whose runs would not compare with the new ones.
+    """
+    if not args.sweep:
+        raise ValueError("--resume continues a --sweep (the study's later seeds depend on its selection); add --sweep.")
+    if not out_file.is_file():
+        raise ValueError(f"--resume: {out_file} does not exist; run without --resume to start the sweep.")
+    earlier = json.loads(out_file.read_text())
+    wanted = {
+        "image_size": args.image_size,
+        "epochs": int(args.epochs) if args.epochs != "auto" else None,
+        "batch": args.batch,
+        "device": torch.device(args.device).type,
+        "methods": {b: list(t) for b, t in result["methods"].items()},
+    }
+    found = {
+        "image_size": earlier["config"]["image_size"],
+        "epochs": earlier["config"]["epochs"],
+        "batch": earlier["config"]["batch"],
+        "device": torch.device(earlier["environment"]["device"]).type,
+        "methods": {b: list(t) for b, t in earlier["methods"].items()},
+    }
+    differ = {k: (found[k], wanted[k]) for k in wanted if found[k] != wanted[k]}
+    if differ:
+        raise ValueError(
+            f"--resume: {out_file} was written with {', '.join(f'{k}={v[0]!r}' for k, v in differ.items())}, this "
+            f"command asks for {', '.join(f'{k}={v[1]!r}' for k, v in differ.items())}. Give the same --image-size, "
+            "--epochs, --batch, --device and --methods, or write to another --out."
+        )
+    result["runs"] = [r for r in earlier["runs"] if "test_acc" in r]
+    result["resumed"] = earlier.get("resumed", []) + [
+        {"command": earlier["command"], "started_utc": earlier["started_utc"], "runs": len(result["runs"])}
+    ]
+    return float(earlier.get("elapsed_s") or 0.0)
+
+
 # --------------------------------------------------------------------------- the study
 
 
@@ -781,10 +820,11 @@ def run_study(args: argparse.Namespace) -> dict:
         "summary": [],
     }
     out_file = out_dir / ("ablation.json" if args.ablation else "sweep.json" if args.sweep else "results.json")
+    earlier_s = resume_sweep(result, out_file, args) if args.resume else 0.0
 
     def save() -> None:
         result["summary"] = (summarize_sweep if args.sweep else summarize)(result["runs"], methods)
-        result["elapsed_s"] = time.perf_counter() - t0
+        result["elapsed_s"] = earlier_s + time.perf_counter() - t0
         tmp = out_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1) + "\n")
         tmp.replace(out_file)
@@ -903,6 +943,9 @@ def run_study(args: argparse.Namespace) -> dict:
         def sweep_cell(task: Task, method: str, seed: int, hp: dict) -> None:
             """Train one cell, validate and test it, and record whether it diverged."""
             key = f"{task.backbone}/{method}"
+            if any((r["backbone"], r["method"], r["seed"], r["hparams"]) == (task.backbone, method, seed, hp)
+                   for r in result["runs"]):  # fmt: skip
+                return  # finished before --resume
             if args.stop_after_s and time.perf_counter() - t0 > args.stop_after_s:
                 result["skipped"].append({"backbone": task.backbone, "method": method, "seed": seed, "hparams": hp})
                 log(f"skip {key} seed {seed} {_fmt(hp)}: past --stop-after-s")
@@ -1025,6 +1068,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sweep", action="store_true", help="adapters' lr x scale past the grid, every cell tested (sweep.json)"
     )
+    parser.add_argument("--resume", action="store_true", help="with --sweep: keep OUT's finished runs, run the rest")
     parser.add_argument("--methods", nargs="+", default=None, help="e.g. dinov2:linear,lora mobilenet_v2:lora")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument(
