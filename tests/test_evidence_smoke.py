@@ -219,7 +219,8 @@ def test_sweep_runs_the_corner_then_past_the_grid_and_flags_divergence():
     assert study.divergence(healthy) == []
     for change, reason in (
         ({"train_loss_per_epoch": [1.5, float("nan")]}, "non-finite loss"),
-        ({"train_loss_per_epoch": [1.5, 2.0, 2.4]}, "ln 10"),
+        ({"train_loss_per_epoch": [1.5, 2.0, 2.4]}, "ln 10 (an untrained model's) in epoch(s) [3]"),
+        ({"train_loss_per_epoch": [2.6, 1.0, 0.5]}, "in epoch(s) [1]"),  # blew up, then came back
         ({"train_loss_per_epoch": [1.0, 0.5, 1.2, 0.6]}, "blow-up"),
         ({"val_acc": 0.12}, "validation accuracy 12.0 %"),
     ):

@@ -430,9 +430,10 @@ def sweep_section(sweep: dict, out_dir: Path, image: str) -> list[str]:
     return [
         f"Every cell is trained and tested (no selection), seed {seeds[0]} on all {len(lrs) * len(scales)} cells, "
         + (f"seeds {seeds[1:]} on the top corner and the {len(beyond)} cells past the grid. " if seeds[1:] else "")
-        + "A run counts as diverged when its loss is not finite, its last-epoch training loss is at or above ln 10 "
-        "(a uniform guess), an epoch's loss exceeds twice the best epoch before it, or its validation accuracy is "
-        f"below 20 % (`study.divergence`). {_run_line(sweep)}",
+        + "A run counts as diverged when its loss is not finite, an epoch's mean training loss is at or above "
+        "ln 10 (the untrained model's, a uniform guess) even if later epochs come back down, an epoch's loss exceeds "
+        "twice the best epoch before it, or its validation accuracy is below 20 % (`study.divergence`). "
+        f"{_run_line(sweep)}",
         "",
         "Test accuracy %, mean ± std over seeds (number of seeds):",
         "",

@@ -609,19 +609,21 @@ def sweep_cells(first_seed: bool) -> list[dict]:
 
 
 def divergence(record: dict) -> list[str]:
-    """Why a trained run counts as diverged (an empty list when it trained).
+    """Why a trained run counts as diverged (an empty list when it trained steadily).
 
-    A non-finite training loss; a last-epoch training loss at or above ln(classes), the
-    loss of a uniform guess; an epoch's loss more than twice the lowest epoch loss
-    before it (a blow-up, even if it came back down); validation accuracy below twice
-    chance.
+    A non-finite loss; an epoch whose mean training loss is at or above ln(classes), the
+    loss of the untrained model (a uniform guess), even if later epochs come back down;
+    an epoch's loss more than twice the lowest before it; validation accuracy below twice
+    chance. A function of the recorded losses and accuracy only, so ``--resume`` can
+    re-apply it to earlier runs.
     """
     losses = record["train_loss_per_epoch"]
     reasons = []
     if not all(math.isfinite(x) for x in losses) or not math.isfinite(record["val_loss"]):
         reasons.append("non-finite loss")
-    elif losses and losses[-1] >= math.log(NUM_CLASSES):
-        reasons.append(f"last-epoch loss {losses[-1]:.2f} >= ln {NUM_CLASSES}")
+    above = [i + 1 for i, x in enumerate(losses) if math.isfinite(x) and x >= math.log(NUM_CLASSES)]
+    if above:
+        reasons.append(f"loss >= ln {NUM_CLASSES} (an untrained model's) in epoch(s) {above}")
     if any(x > 2 * min(losses[:i]) for i, x in enumerate(losses) if i and math.isfinite(x)):
         reasons.append("loss blow-up (an epoch over twice the best before it)")
     if record["val_acc"] < 2 / NUM_CLASSES:
@@ -694,6 +696,9 @@ def resume_sweep(result: dict, out_file: Path, args: argparse.Namespace) -> floa
             "--epochs, --batch, --device and --methods, or write to another --out."
         )
     result["runs"] = [r for r in earlier["runs"] if "test_acc" in r]
+    for run in result["runs"]:  # the criterion of this version of the script
+        run["divergence"] = divergence(run)
+        run["diverged"] = bool(run["divergence"])
     result["resumed"] = earlier.get("resumed", []) + [
         {"command": earlier["command"], "started_utc": earlier["started_utc"], "runs": len(result["runs"])}
     ]
