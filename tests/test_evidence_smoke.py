@@ -279,9 +279,11 @@ def test_sweep_tests_every_cell_and_the_report_gives_the_drop(study, bundle_dir,
         ["--results", str(paths["results"]), "--sweep", str(paths["sweep"]), "--out", str(tmp_path / "docs")]
     ).read_text()
     answers = page[: page.index("## Setup")]
-    lora = "| LoRA r=8 | 81.00 ± 1.41 (2 seeds) | lr 0.01, scale 4 | 75.00 ± 7.07 | 6.00 ± 5.66 | 1 of 2 |"
-    assert lora in answers
-    assert "| 81.00 ± 0.00 (2 seeds) | lr 0.01, scale 4 | 80.00 ± 0.00 | 1.00 ± 0.00 | 0 of 2 |" in answers
+    header = "| method | top corner (lr 0.003, scale 4), test % | lr 0.003, scale 16 | lr 0.01, scale 4 |"
+    assert header in answers
+    lora = "| LoRA r=8 | 81.00 ± 1.41 (2 seeds) | not run | 75.00 ± 7.07 (-6.00 ± 5.66), 1/2 diverged |"
+    assert lora in answers and "| 80.00 ± 0.00 (-1.00 ± 0.00) | not run | not run | not run | 0 of 2 |" in answers
+    assert "lr 0.01, scale 4 at 75.00 ± 7.07 (-6.00 ± 5.66 points from the corner" in page
     section = page[page.index("## Tuning robustness") :]
     assert "| 0.01 | 4 | past the grid | 75.00 ± 7.07 (2), **1 diverged** | 80.00 ± 0.00 (2) |" in section
     assert "| 0.001 | 1 | in the grid | not run | not run |" in section

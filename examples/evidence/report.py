@@ -313,33 +313,34 @@ def sweep_robustness(sweep: dict, backbone: str, method: str) -> dict | None:
     """One method's answer to "does it still train past the grid?".
 
     Every cell past the grid is compared with the top corner seed by seed (same seed,
-    same initialisation and batch order): ``drop`` is the corner's test accuracy minus the
-    cell's, averaged over the seeds both have. Returns the corner's accuracies, the best
-    cell (highest mean test accuracy over its seeds), the worst cell past the grid (largest
-    mean drop) and the diverged runs past the grid.
+    same initialisation and batch order): its ``change`` is the cell's test accuracy minus
+    the corner's, over the seeds both have. Returns the corner's accuracies, the best cell
+    (highest mean test accuracy over its seeds), the per-cell changes, the worst cell past
+    the grid (most negative mean change) and the diverged runs past the grid.
     """
     cells = _cells(sweep, backbone, method)
     corner, beyond = _sweep_layout(sweep)
     if corner not in cells:
         return None
     base = cells[corner]
-    drops = {}
+    change = {}
     for cell in beyond:
         common = sorted(set(cells.get(cell, {})) & set(base))
         if common:
-            drops[cell] = [base[s]["test_acc"] - cells[cell][s]["test_acc"] for s in common]
+            change[cell] = [cells[cell][s]["test_acc"] - base[s]["test_acc"] for s in common]
     past = [r for cell in beyond for r in cells.get(cell, {}).values()]
     best = max(cells, key=lambda c: sum(r["test_acc"] for r in cells[c].values()) / len(cells[c]))
-    worst = max(drops, key=lambda c: sum(drops[c]) / len(drops[c])) if drops else None
+    worst = min(change, key=lambda c: sum(change[c]) / len(change[c])) if change else None
     return {
         "corner": corner,
         "corner_acc": [base[s]["test_acc"] for s in sorted(base)],
         "best": best,
         "best_acc": [r["test_acc"] for r in cells[best].values()],
+        "cells": cells,
+        "change": change,
         "worst": worst,
         "worst_acc": [cells[worst][s]["test_acc"] for s in sorted(cells[worst])] if worst else [],
-        "worst_drop": drops.get(worst, []),
-        "cells_past": len(drops),
+        "cells_past": len(change),
         "runs_past": len(past),
         "diverged_past": sum(r["diverged"] for r in past),
     }
@@ -349,22 +350,43 @@ def _lr_scale(cell: tuple[float, float]) -> str:
     return f"lr {cell[0]:g}, scale {cell[1]:g}"
 
 
+def _signed(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{100 * mean:+.2f}"
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{100 * mean:+.2f} ± {100 * std:.2f}"
+
+
 def sweep_answer_table(sweep: dict) -> list[str]:
-    """Per method: the corner, the worst cell past the grid and its drop, and the diverged runs past it."""
+    """Per method: the corner, then each cell past the grid (test %, change from the corner, diverged runs)."""
+    corner, beyond = _sweep_layout(sweep)
     lines = [
-        "| method | top corner of the grid, test % | worst cell past the grid | its test % | drop from the corner, "
-        "points (same seeds) | diverged runs past the grid |",
-        "|---|---:|---|---:|---:|---:|",
+        f"| method | top corner ({_lr_scale(corner)}), test % | "
+        + " | ".join(_lr_scale(c) for c in beyond)
+        + " | diverged runs past the grid |",
+        "|---|---:|" + "---:|" * len(beyond) + "---:|",
     ]
     for row in _sweep_methods(sweep):
         rob = sweep_robustness(sweep, row["backbone"], row["method"])
         if rob is None or rob["worst"] is None:
             continue
         n = len(rob["corner_acc"])
+        entries = []
+        for cell in beyond:
+            if cell not in rob["change"]:
+                entries.append("not run")
+                continue
+            runs = [rob["cells"][cell][s] for s in sorted(rob["cells"][cell])]
+            diverged = sum(r["diverged"] for r in runs)
+            entries.append(
+                f"{_mean_std([r['test_acc'] for r in runs])} ({_signed(rob['change'][cell])})"
+                + (f", {diverged}/{len(runs)} diverged" if diverged else "")
+            )
         lines.append(
-            f"| {row['label']} | {_mean_std(rob['corner_acc'])} ({n} seed{'s' * (n > 1)}) | {_lr_scale(rob['worst'])} "
-            f"| {_mean_std(rob['worst_acc'])} | {_mean_std(rob['worst_drop'])} | "
-            f"{rob['diverged_past']} of {rob['runs_past']} |"
+            f"| {row['label']} | {_mean_std(rob['corner_acc'])} ({n} seed{'s' * (n > 1)}) | "
+            + " | ".join(entries)
+            + f" | {rob['diverged_past']} of {rob['runs_past']} |"
         )
     return lines if len(lines) > 2 else ["No cell past the grid has been trained yet."]
 
@@ -417,11 +439,12 @@ def sweep_section(sweep: dict, out_dir: Path, image: str) -> list[str]:
             f"({len(rob['corner_acc'])} seed(s)); best cell {_lr_scale(rob['best'])} {_mean_std(rob['best_acc'])} "
             f"({len(rob['best_acc'])} seed(s))"
         )
-        if rob["worst"] is not None:
+        worst = rob["worst"]
+        if worst is not None:
             text += (
                 f"; past the grid ({rob['cells_past']} cells, {rob['runs_past']} runs) the worst cell is "
-                f"{_lr_scale(rob['worst'])} at {_mean_std(rob['worst_acc'])}, {_mean_std(rob['worst_drop'])} points "
-                f"below the corner on the same seeds; {rob['diverged_past']} of {rob['runs_past']} runs past the grid "
+                f"{_lr_scale(worst)} at {_mean_std(rob['worst_acc'])} ({_signed(rob['change'][worst])} points from "
+                f"the corner on the same seeds); {rob['diverged_past']} of {rob['runs_past']} runs past the grid "
                 "diverged"
             )
         per_method.append(text + ".")
@@ -635,9 +658,10 @@ def render(res: dict, ablations: list[tuple[str, dict]] | None = None, extras: l
         corner, _ = _sweep_layout(sweep)
         lines += [
             f"**Tuning past the grid** ({_where(sweep, 'dinov2')}; details under *Tuning robustness*): the study's "
-            f"grid picked its top corner ({_lr_scale(corner)}) for every adapter; each method's worst cell at up to "
-            f"{max(sweep['config']['sweep']['lrs']) / corner[0]:.3g}x that lr and "
-            f"{max(sweep['config']['sweep']['scales']) / corner[1]:.3g}x that scale:",
+            f"grid picked its top corner ({_lr_scale(corner)}) for every adapter. Test accuracy % at each cell past "
+            f"the grid (up to {max(sweep['config']['sweep']['lrs']) / corner[0]:.3g}x that lr and "
+            f"{max(sweep['config']['sweep']['scales']) / corner[1]:.3g}x that scale), mean ± std over seeds, with "
+            "its change from the corner in points on the same seeds:",
             "",
             *sweep_answer_table(sweep),
             "",
