@@ -458,6 +458,17 @@ def sweep_section(sweep: dict, out_dir: Path, image: str) -> list[str]:
         "twice the best epoch before it, or its validation accuracy is below 20 % (`study.divergence`). "
         f"{_run_line(sweep)}",
         "",
+        *(
+            [
+                f"{len(sweep['skipped'])} planned run(s) did not start (past `--stop-after-s`): "
+                + "; ".join(f"{s['method']} seed {s['seed']} {_lr_scale((s['hparams']['lr'], s['hparams']['scale']))}"
+                            for s in sweep["skipped"])  # fmt: skip
+                + ".",
+                "",
+            ]
+            if sweep.get("skipped")
+            else []
+        ),
         "Test accuracy %, mean ± std over seeds (number of seeds):",
         "",
         *test_lines,
@@ -597,6 +608,8 @@ def _run_line(run: dict) -> str:
     """How a run was made, from its JSON: size, epochs, seeds, settings, machine, time, command."""
     cfg, env = run["config"], run["environment"]
     grids = "; ".join(f"{k}: " + " | ".join(map(_hp, v)) for k, v in cfg["grids"].items())
+    if cfg.get("grid_mode") == "sweep":
+        grids = "cells in the tables below"
     text = (
         f"{cfg['image_size']} px, {cfg['epochs']} epochs, seeds {cfg['seeds']}, grid `{cfg.get('grid_mode')}` "
         f"({grids}), on {env['device_name']} ({env['device']}, {env['torch_threads']} thread(s)), "
