@@ -43,6 +43,16 @@ Usage::
 ``--ablation`` runs ALoRE variants on DINOv2 instead (experts vs rank at a fixed
 budget, rule initialisation, per-layer rules, placement; see ``ABLATIONS``).
 
+``--sweep`` measures robustness to tuning past the adapter grid instead of selecting:
+every adapter method trains each lr x scale cell of ``SWEEP_LRS`` x ``SWEEP_SCALES``
+(3x the grid's largest lr, 4x its largest scale) and every cell is tested; the first
+seed runs all nine cells, the later seeds rerun the cells past the grid and the grid's
+top corner (``sweep_cells``); each run records whether it diverged (``divergence``).
+Writes ``OUT/sweep.json``; ``--resume`` continues one that was cut short::
+
+    python examples/evidence/study.py --bundle .evidence_bundle --device cpu --out OUT --sweep \
+        --methods dinov2:lora,alore_par,alore_seq --seeds 0 1 2 --image-size 56 --epochs 6 --threads 1
+
 Writes ``OUT/results.json`` after every run (so a cut-off run still leaves its finished
 part) and prints one progress line per run.
 """
@@ -80,6 +90,9 @@ HEAD_NAME = "classifier"
 EPOCH_MENU = (30, 25, 20, 15, 10, 5)
 
 ADAPTER_GRID = [{"lr": lr, "scale": s} for lr in (1e-3, 3e-3) for s in (1.0, 4.0)]
+# --sweep: the adapter grid extended to 3x its largest lr and 4x its largest scale.
+SWEEP_LRS = (1e-3, 3e-3, 1e-2)
+SWEEP_SCALES = (1.0, 4.0, 16.0)
 GRIDS = {
     "linear": [{"lr": 1e-3}, {"lr": 3e-3}, {"lr": 1e-2}],
     "full": [{"lr": 1e-5}, {"lr": 3e-5}, {"lr": 1e-4}],
@@ -570,6 +583,128 @@ def probe_step_time(
     return step, max(0.0, total - step * len(times)) + 2 * step
 
 
+# --------------------------------------------------------------------------- the sweep
+
+
+def sweep_cells(first_seed: bool) -> list[dict]:
+    """The ``--sweep`` settings of one seed, most informative first.
+
+    The adapter grid's top corner (the setting every DINOv2 adapter selected) comes
+    first as the reference, then the cells past the grid (larger lr, larger scale,
+    both), then, on the first seed only, the rest of the grid. A run cut short by
+    ``--stop-after-s`` keeps the cells that answer "does it still train past the grid?".
+    """
+    top = {"lr": max(g["lr"] for g in ADAPTER_GRID), "scale": max(g["scale"] for g in ADAPTER_GRID)}
+    cells = [{"lr": lr, "scale": s} for lr in SWEEP_LRS for s in SWEEP_SCALES]
+    beyond = [c for c in cells if c["lr"] > top["lr"] or c["scale"] > top["scale"]]
+
+    def order(c: dict) -> tuple[bool, int]:
+        # one factor past the corner, then both, then past it on one axis but below it on the other
+        below = c["lr"] < top["lr"] or c["scale"] < top["scale"]
+        return below, (c["lr"] > top["lr"]) + (c["scale"] > top["scale"])
+
+    beyond.sort(key=order)
+    inside = [c for c in cells if c not in beyond and c != top]
+    return [top, *beyond, *(inside if first_seed else [])]
+
+
+def divergence(record: dict) -> list[str]:
+    """Why a trained run counts as diverged (an empty list when it trained steadily).
+
+    A non-finite loss; an epoch whose mean training loss is at or above ln(classes), the
+    loss of the untrained model (a uniform guess), even if later epochs come back down;
+    an epoch's loss more than twice the lowest before it; validation accuracy below twice
+    chance. A function of the recorded losses and accuracy only, so ``--resume`` can
+    re-apply it to earlier runs.
+    """
+    losses = record["train_loss_per_epoch"]
+    reasons = []
+    if not all(math.isfinite(x) for x in losses) or not math.isfinite(record["val_loss"]):
+        reasons.append("non-finite loss")
+    above = [i + 1 for i, x in enumerate(losses) if math.isfinite(x) and x >= math.log(NUM_CLASSES)]
+    if above:
+        reasons.append(f"loss >= ln {NUM_CLASSES} (an untrained model's) in epoch(s) {above}")
+    if any(x > 2 * min(losses[:i]) for i, x in enumerate(losses) if i and math.isfinite(x)):
+        reasons.append("loss blow-up (an epoch over twice the best before it)")
+    if record["val_acc"] < 2 / NUM_CLASSES:
+        reasons.append(f"validation accuracy {100 * record['val_acc']:.1f} % (chance {100 / NUM_CLASSES:.0f} %)")
+    return reasons
+
+
+def summarize_sweep(runs: list[dict], methods: dict) -> list[dict]:
+    """Per (backbone, method, setting): validation and test accuracy over seeds, and the diverged runs."""
+    rows = []
+    for backbone, table in methods.items():
+        for method, meta in table.items():
+            mine = [r for r in runs if r["backbone"] == backbone and r["method"] == method and "test_acc" in r]
+            settings = []
+            for r in mine:
+                if r["hparams"] not in settings:
+                    settings.append(r["hparams"])
+            for hp in settings:
+                cell = sorted((r for r in mine if r["hparams"] == hp), key=lambda r: r["seed"])
+                test = [r["test_acc"] for r in cell]
+                rows.append(
+                    {
+                        "backbone": backbone,
+                        "method": method,
+                        "label": meta["label"],
+                        "placement": meta["placement"],
+                        "hparams": hp,
+                        "seeds": [r["seed"] for r in cell],
+                        "val_acc": [r["val_acc"] for r in cell],
+                        "test_acc": test,
+                        "test_acc_mean": float(np.mean(test)),
+                        "test_acc_std": float(np.std(test, ddof=1)) if len(test) > 1 else None,
+                        "diverged_seeds": [r["seed"] for r in cell if r["diverged"]],
+                        "trainable_params": cell[0]["trainable_params"],
+                    }
+                )
+    return rows
+
+
+def resume_sweep(result: dict, out_file: Path, args: argparse.Namespace) -> float:
+    """``--resume``: take the finished runs of ``out_file`` into ``result``; return the time they took.
+
+    Refuses a file written with another image size, epoch count, batch, device or
+    method list, whose runs would not compare with the new ones.
+    """
+    if not args.sweep:
+        raise ValueError("--resume continues a --sweep (the study's later seeds depend on its selection); add --sweep.")
+    if not out_file.is_file():
+        raise ValueError(f"--resume: {out_file} does not exist; run without --resume to start the sweep.")
+    earlier = json.loads(out_file.read_text())
+    wanted = {
+        "image_size": args.image_size,
+        "epochs": int(args.epochs) if args.epochs != "auto" else None,
+        "batch": args.batch,
+        "device": torch.device(args.device).type,
+        "methods": {b: list(t) for b, t in result["methods"].items()},
+    }
+    found = {
+        "image_size": earlier["config"]["image_size"],
+        "epochs": earlier["config"]["epochs"],
+        "batch": earlier["config"]["batch"],
+        "device": torch.device(earlier["environment"]["device"]).type,
+        "methods": {b: list(t) for b, t in earlier["methods"].items()},
+    }
+    differ = {k: (found[k], wanted[k]) for k in wanted if found[k] != wanted[k]}
+    if differ:
+        raise ValueError(
+            f"--resume: {out_file} was written with {', '.join(f'{k}={v[0]!r}' for k, v in differ.items())}, this "
+            f"command asks for {', '.join(f'{k}={v[1]!r}' for k, v in differ.items())}. Give the same --image-size, "
+            "--epochs, --batch, --device and --methods, or write to another --out."
+        )
+    result["runs"] = [r for r in earlier["runs"] if "test_acc" in r]
+    for run in result["runs"]:  # the criterion of this version of the script
+        run["divergence"] = divergence(run)
+        run["diverged"] = bool(run["divergence"])
+    result["resumed"] = earlier.get("resumed", []) + [
+        {"command": earlier["command"], "started_utc": earlier["started_utc"], "runs": len(result["runs"])}
+    ]
+    return float(earlier.get("elapsed_s") or 0.0)
+
+
 # --------------------------------------------------------------------------- the study
 
 
@@ -640,6 +775,15 @@ def run_study(args: argparse.Namespace) -> dict:
     else:
         selection = {b: list(t) for b, t in methods_all.items()}
     methods = {b: {m: methods_all[b][m] for m in ms} for b, ms in selection.items()}
+    if args.sweep:
+        not_adapters = [f"{b}:{m}" for b, ms in methods.items() for m in ms if m in GRIDS]
+        if not_adapters:
+            raise ValueError(
+                f"--sweep varies an adapter's lr and scale; {', '.join(not_adapters)} has no scale to sweep. "
+                "Name adapter methods only, e.g. --methods dinov2:lora,alore_par,alore_seq."
+            )
+        if args.ablation or args.setting:
+            raise ValueError("--sweep sets its own lr x scale cells; drop --ablation and --setting.")
     seeds = args.seeds
     cfg = {
         "batch": args.batch,
@@ -654,13 +798,15 @@ def run_study(args: argparse.Namespace) -> dict:
         "seeds": seeds,
         "grids": {},
         "quick": quick,
-        "grid_mode": "first" if quick else ("setting" if args.setting or args.full_lr is not None else args.grid),
+        "grid_mode": "sweep" if args.sweep else "first" if quick else (
+            "setting" if args.setting or args.full_lr is not None else args.grid
+        ),
         "ablation": bool(args.ablation),
     }
     manifest = read_manifest(args.bundle)
     result = {
         "schema": SCHEMA,
-        "kind": "quick" if quick else ("ablation" if args.ablation else "study"),
+        "kind": "quick" if quick else ("ablation" if args.ablation else "sweep" if args.sweep else "study"),
         "command": args.command,
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "environment": environment(device),
@@ -678,11 +824,12 @@ def run_study(args: argparse.Namespace) -> dict:
         "skipped": [],
         "summary": [],
     }
-    out_file = out_dir / ("ablation.json" if args.ablation else "results.json")
+    out_file = out_dir / ("ablation.json" if args.ablation else "sweep.json" if args.sweep else "results.json")
+    earlier_s = resume_sweep(result, out_file, args) if args.resume else 0.0
 
     def save() -> None:
-        result["summary"] = summarize(result["runs"], methods)
-        result["elapsed_s"] = time.perf_counter() - t0
+        result["summary"] = (summarize_sweep if args.sweep else summarize)(result["runs"], methods)
+        result["elapsed_s"] = earlier_s + time.perf_counter() - t0
         tmp = out_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1) + "\n")
         tmp.replace(out_file)
@@ -732,7 +879,11 @@ def run_study(args: argparse.Namespace) -> dict:
                 if args.full_lr is not None and base_method == "full":
                     grid = [{"lr": args.full_lr}]
                 grids[f"{backbone}/{method}"] = grid[:1] if quick or args.grid == "first" else grid
+                if args.sweep:
+                    grids[f"{backbone}/{method}"] = sweep_cells(first_seed=True)[: 1 if quick else None]
         cfg["grids"] = grids
+        if args.sweep:
+            cfg["sweep"] = {"lrs": list(SWEEP_LRS), "scales": list(SWEEP_SCALES), "later_seeds": sweep_cells(False)}
 
         # Epochs: fixed, or chosen once from timed steps (no accuracy is looked at).
         if args.epochs == "auto":
@@ -794,9 +945,40 @@ def run_study(args: argparse.Namespace) -> dict:
             save()
             return record["hparams"]
 
+        def sweep_cell(task: Task, method: str, seed: int, hp: dict) -> None:
+            """Train one cell, validate and test it, and record whether it diverged."""
+            key = f"{task.backbone}/{method}"
+            if any((r["backbone"], r["method"], r["seed"], r["hparams"]) == (task.backbone, method, seed, hp)
+                   for r in result["runs"]):  # fmt: skip
+                return  # finished before --resume
+            if args.stop_after_s and time.perf_counter() - t0 > args.stop_after_s:
+                result["skipped"].append({"backbone": task.backbone, "method": method, "seed": seed, "hparams": hp})
+                log(f"skip {key} seed {seed} {_fmt(hp)}: past --stop-after-s")
+                save()
+                return
+            record, (model, forward) = train_run(task, method, hp, seed, cfg)
+            test = evaluate(task, forward, model, method, "test", cfg["eval_batch"])
+            record.update(phase="sweep", test_acc=test["acc"], test_loss=test["loss"], test_images=test["n"])
+            record["divergence"] = divergence(record)
+            record["diverged"] = bool(record["divergence"])
+            result["runs"].append(record)
+            log(
+                f"{key} seed {seed} {_fmt(hp)}: val {record['val_acc']:.3f}, test {test['acc']:.4f}, train loss "
+                f"{record['train_loss_last_epoch']:.3f}, {record['wall_s']:.0f} s"
+                + (f", DIVERGED ({'; '.join(record['divergence'])})" if record["diverged"] else "")
+            )
+            del model, forward
+            save()
+
+        if args.sweep:  # seed-major, then cell, then method: a cut-off run has every method at the same cells
+            for seed in seeds:
+                for hp in sweep_cells(first_seed=seed == seeds[0])[: 1 if quick else None]:
+                    for backbone, table in methods.items():
+                        for method in table:
+                            sweep_cell(tasks[backbone], method, seed, hp)
         # The grid on the first seed for every method (its selected model is tested), then the other seeds.
         chosen: dict[str, dict] = {}
-        for phase, phase_seeds in (("grid", seeds[:1]), ("seed", seeds[1:])):
+        for phase, phase_seeds in (("grid", seeds[:1]), ("seed", seeds[1:])) if not args.sweep else ():
             for backbone, table in methods.items():
                 for method in table:
                     key = f"{backbone}/{method}"
@@ -888,6 +1070,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="a few steps on a few images (CI smoke)")
     parser.add_argument("--ablation", action="store_true", help="ALoRE ablations on DINOv2 instead of the study")
+    parser.add_argument(
+        "--sweep", action="store_true", help="adapters' lr x scale past the grid, every cell tested (sweep.json)"
+    )
+    parser.add_argument("--resume", action="store_true", help="with --sweep: keep OUT's finished runs, run the rest")
     parser.add_argument("--methods", nargs="+", default=None, help="e.g. dinov2:linear,lora mobilenet_v2:lora")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument(
