@@ -305,5 +305,10 @@ def test_no_example_input_is_a_clear_error():
         find_placement(_Toy())
 
 
-if __name__ == "__main__":
-    print(coverage_table())
+if __name__ == "__main__":  # python -m tests.test_coverage: rewrite the table in docs/coverage.md
+    table = coverage_table()
+    text = DOCS.read_text()
+    block = "<!-- coverage-table:begin -->\n" + table + "\n<!-- coverage-table:end -->"
+    DOCS.write_text(re.sub(r"<!-- coverage-table:begin -->\n.*?\n<!-- coverage-table:end -->", lambda _: block, text,
+                           flags=re.S))
+    print(table)
