@@ -312,3 +312,22 @@ if __name__ == "__main__":  # python -m tests.test_coverage: rewrite the table i
     DOCS.write_text(re.sub(r"<!-- coverage-table:begin -->\n.*?\n<!-- coverage-table:end -->", lambda _: block, text,
                            flags=re.S))
     print(table)
+
+
+def test_the_model_explains_its_placement(capsys):
+    from peft import get_peft_model
+
+    from alore_peft import AloreConfig
+
+    from .models import tiny_mlp, tiny_vit
+
+    traced = get_peft_model(tiny_vit(), AloreConfig())  # no targets: traced
+    traced.print_placement()
+    text = capsys.readouterr().out
+    for layer in (0, 1):
+        for container in ("attention", "mlp"):
+            assert f"vit.layers.{layer}.{container}" in text, text
+    assert "block" in text and "q_proj" in text  # where each adapter sits and what it folds into
+    named = get_peft_model(tiny_mlp(), AloreConfig(target_modules=["lin0"]))
+    named.print_placement()
+    assert "lin0 | layer | sequential | 16" in capsys.readouterr().out

@@ -350,11 +350,11 @@ def analytic_trainable(
             total += out_l * in_m  # w1, full
             total += cfg.r * (out_k + in_n) if cfg.r < max(out_k, in_n) / 2 else out_k * in_n  # w2
         return total
-    n = cfg.num_experts
-    rules = n**3 if cfg.share_rules else n**3 * len(names)
-    if cfg.mode == "sequential":
-        return sum(2 * cfg.r * d_in for d_in, _, _ in map(dims, names)) + rules
-    return sum(cfg.r * (d_in * k + d_out) for d_in, d_out, k in map(dims, names)) + rules
+    from alore_peft import functional
+
+    rules = functional.rule_parameters(cfg.num_experts, len(names), cfg.share_rules)
+    shapes = [functional.delta_shape(cfg.mode, d_in, d_out, k) for d_in, d_out, k in map(dims, names)]
+    return sum(functional.expert_parameters(d_out, d_in, cfg.r) for d_out, d_in in shapes) + rules
 
 
 def reset_head(model: nn.Module) -> None:
