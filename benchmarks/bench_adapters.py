@@ -437,7 +437,7 @@ def run_compiled(args, models, pixels, labels, amp, device, log) -> dict:
     for name in [m for m in COMPILED if m in models]:
         model = models[name]
         start = time.perf_counter()
-        compiled = torch.compile(model)
+        compiled = torch.compile(model, mode=args.compile_mode)
         model.train()
         step, _ = make_train_step(compiled, pixels, labels, amp)
         step()  # compiles forward and backward
@@ -462,6 +462,7 @@ def run_compiled(args, models, pixels, labels, amp, device, log) -> dict:
     log("  compiled infer: " + ", ".join(f"{n} {summary(r)['median_ms']:.1f} ms" for n, r in infer.items()))
     return {
         "compile_s": compile_s,
+        "mode": args.compile_mode,
         "train": {n: summary(r) for n, r in train.items()},
         "infer": {n: summary(r) for n, r in infer.items()},
     }
@@ -760,6 +761,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--num-layers", type=int, default=None, help="override the number of blocks (default 12)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (inductor)")
+    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile mode with --compile (reduce-overhead: CUDA graphs, on a GPU)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
     p.add_argument("--quick", action="store_true", help="tiny ViT, batch 2, 3 reps: a smoke test")
     p.add_argument("--image-size", type=int, default=None, help="override the image size (default 224)")
