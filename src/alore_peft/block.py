@@ -155,7 +155,22 @@ class AloreBlock(nn.Module, AloreLayer):
         return [(name, container.get_parameter(name)) for name in self.trace.consumers]
 
     def _run_folded(self, weights: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
-        return torch.func.functional_call(self.get_base_layer(), weights, args, kwargs, strict=False)
+        container = self.get_base_layer()
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return torch.func.functional_call(container, weights, args, kwargs, strict=False)
+        # Inference: swap the folded weights in for the call and back, without functional_call's
+        # per-call walk over every submodule (it cost more than the block's own matmuls on short inputs).
+        swapped = []
+        try:
+            for name, weight in weights.items():
+                path, _, attr = name.rpartition(".")
+                module = container.get_submodule(path)
+                swapped.append((module, attr, module._parameters[attr]))
+                module._parameters[attr] = weight
+            return container(*args, **kwargs)
+        finally:
+            for module, attr, param in reversed(swapped):
+                module._parameters[attr] = param
 
     # -- forward -----------------------------------------------------------
     def _find_input(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Optional[str]]:
