@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -151,3 +152,31 @@ def test_model_card_names_a_hub_base_and_keeps_a_handwritten_card(tmp_path):
     model.save_pretrained(tmp_path / "b")
     card = ModelCard.load(tmp_path / "b" / "README.md")
     assert "Written by hand." in card.text and "alore" in card.data.tags and card.data.license == "mit"
+
+
+def test_push_to_hub_uploads_the_alore_card(adapter, tmp_path, monkeypatch):
+    """transformers' push_to_hub would replace the card with its empty template; ALoRE's is uploaded."""
+    from huggingface_hub import ModelCard
+
+    uploaded = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        uploaded["private"] = kwargs.get("private")
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        uploaded["repo"], uploaded["message"] = repo_id, kwargs["commit_message"]
+        uploaded["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+        uploaded["card"] = ModelCard.load(Path(folder_path) / "README.md")
+        return "commit"
+
+    monkeypatch.setattr("huggingface_hub.HfApi.create_repo", create_repo)
+    monkeypatch.setattr("huggingface_hub.HfApi.upload_folder", upload_folder)
+    _, model = _load(adapter)
+    assert model.push_to_hub("someone/tiny-alore", private=True, tags=["colours"]) == "commit"
+    assert uploaded["repo"] == "someone/tiny-alore" and uploaded["private"] is True
+    assert uploaded["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    card = uploaded["card"]
+    assert "[More Information Needed]" not in card.text and "https://arxiv.org/abs/2412.08341" in card.text
+    assert 'from_pretrained("someone/tiny-alore")' in card.text  # the loading code names the repository
+    assert {"alore", "colours"} <= set(card.data.tags)

@@ -15,10 +15,14 @@ ALoRE adapters need written next to their weights:
   ``AloreConfig.from_pretrained`` can refuse a file whose bytes changed.
 - ``create_or_update_model_card`` writes PEFT's empty card template. The
   wrapper lets it run, then writes ALoRE's card (:mod:`alore_peft.hub`).
-  ``push_to_hub`` and the ``Trainer`` save through ``save_pretrained``, so they
-  get both.
+  The ``Trainer`` saves through ``save_pretrained``, so it gets both.
+- ``push_to_hub`` (transformers' ``PushToHubMixin``) saves through
+  ``save_pretrained`` too, but then replaces ``README.md`` with the
+  repository's card or transformers' empty template. For ALoRE adapters the
+  wrapper saves into a temporary folder, writes ALoRE's card naming the
+  repository, and uploads that folder with ``huggingface_hub``.
 
-Both wrappers act only when the model holds an ALoRE adapter (other PEFT
+The wrappers act only when the model holds an ALoRE adapter (other PEFT
 methods go through PEFT's code alone, unchanged), keep the wrapped method's
 signature and docstring, and wrap PEFT's original exactly once (re-import and
 ``importlib.reload`` replace the wrapper instead of stacking a second one).
@@ -37,6 +41,7 @@ import enum
 import functools
 import inspect
 import os
+import tempfile
 
 import peft
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, PeftType, register_peft_method
@@ -80,7 +85,7 @@ assert isinstance(ALORE_PEFT_TYPE, enum.Enum) and PeftType(_NAME) is ALORE_PEFT_
 
 
 def register(config_cls, model_cls) -> None:
-    """Register ALoRE's config and tuner with PEFT once per process, and wrap the two PeftModel methods."""
+    """Register ALoRE's config and tuner with PEFT once per process, and wrap the PeftModel methods."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
     _wrap_peft_model()
@@ -136,13 +141,49 @@ def _model_card_wrapper(original):
     return create_or_update_model_card
 
 
+def _push_to_hub_wrapper(original):
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def push_to_hub(self, *args, **kwargs):
+        if not _holds_alore(self):
+            return original(self, *args, **kwargs)
+        from huggingface_hub import HfApi, ModelCard
+
+        from .hub import write_model_card
+
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        values = bound.arguments
+        api = HfApi(token=values.get("token"))
+        repo_id = api.create_repo(values["repo_id"], private=values.get("private"), exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            card = write_model_card(folder, self, repo_id=repo_id)  # its loading code names the repository
+            if values.get("tags"):
+                loaded = ModelCard.load(card)
+                loaded.data.tags = sorted(set(loaded.data.tags or []) | set(values["tags"]))
+                loaded.save(card)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=values.get("commit_message") or "Upload ALoRE adapter",
+                commit_description=values.get("commit_description"),
+                revision=values.get("revision"),
+                create_pr=values.get("create_pr", False),
+            )
+
+    return push_to_hub
+
+
 def _wrap_peft_model() -> None:
-    """Wrap ``PeftModel.save_pretrained`` and ``create_or_update_model_card`` once (see the module docstring)."""
+    """Wrap ``PeftModel``'s ``save_pretrained``, ``create_or_update_model_card`` and ``push_to_hub`` once."""
     from peft import PeftModel
 
     for attribute, make in (
         ("save_pretrained", _save_pretrained_wrapper),
         ("create_or_update_model_card", _model_card_wrapper),
+        ("push_to_hub", _push_to_hub_wrapper),
     ):
         current = getattr(PeftModel, attribute)
         original = getattr(current, "__alore_original__", current)

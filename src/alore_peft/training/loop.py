@@ -471,7 +471,10 @@ def _save_checkpoint(run: _Run) -> None:
 
 def _save_adapter(run: _Run) -> None:
     if run.main_process:
-        run.unwrapped.save_pretrained(str(run.output_dir / ADAPTER_DIR))
+        # An image classifier has no vocabulary to save. Left at "auto", PEFT looks the base's config up by
+        # base_model_name_or_path, which for the offline backbone is a portable name, not a folder or Hub id,
+        # and warns that it could not find it.
+        run.unwrapped.save_pretrained(str(run.output_dir / ADAPTER_DIR), save_embedding_layers=False)
     run.accelerator.wait_for_everyone()
 
 
