@@ -226,6 +226,29 @@ class Runner:
     cpu: list[float] = field(default_factory=list)  # CPU seconds of this process (all its threads)
 
 
+def add_denormal_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--keep-denormals", action="store_true",
+        help="do not flush subnormal floats to zero on the CPU (default: flush them; see set_cpu_denormals)",
+    )
+
+
+def set_cpu_denormals(keep: bool) -> bool:
+    """Flush subnormal floats to zero on the CPU unless ``keep``; return whether they are flushed.
+
+    Randomly initialised backbones (every benchmark here) produce gradients
+    small enough to be subnormal. An x86 CPU computes with a subnormal operand
+    through a microcode assist, tens of times slower than a normal one, so a
+    step's time depended on how many of its values happened to be subnormal:
+    the same MobileNetV2 train step of sequential ALoRE took 200 ms or 490 ms,
+    and its all-factored variant 2.8 s or 0.3 s, with and without flushing. A
+    GPU computes subnormals at full speed, and a pretrained backbone's
+    gradients are rarely that small, so flushing measures what the methods
+    cost rather than where their values fall.
+    """
+    return bool(torch.set_flush_denormal(not keep)) and not keep
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -568,7 +591,8 @@ def markdown(report: dict) -> str:
         f"Command: `{meta['command']}`",
         "",
         f"- Device: {meta['device_name']}; torch {meta['torch']}, transformers {meta['transformers']}, "
-        f"peft {meta['peft']}; torch threads {meta['threads']}, OMP_WAIT_POLICY={meta['omp_wait_policy']}.",
+        f"peft {meta['peft']}; torch threads {meta['threads']}, OMP_WAIT_POLICY={meta['omp_wait_policy']}"
+        + ("; subnormal floats flushed to zero." if meta.get("flush_denormal") else "."),
         f"- Load average (1, 5, 15 min) at start {meta['loadavg_start']}, at end {meta['loadavg_end']}.",
         f"- Model: {meta['model']}.",
         f"- Repetitions: {meta['reps']} per method for training, {meta.get('infer_reps', meta['reps'])} for "
@@ -754,6 +778,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--infer-reps", type=int, default=None,
                    help="timed repetitions of inference (default: twice --reps; a forward pass is cheap)")
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions after the two memory steps")
+    add_denormal_flag(p)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--placement", choices=["auto", "block", "linear"], default="auto",
                    help="alore_seq placement: block (attention/mlp inputs), linear (q_proj/fc1), auto: block if "
@@ -821,8 +846,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print(md)
         return {"reports": reports}
     device = torch.device(args.device)
+    flush = False
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+        flush = set_cpu_denormals(args.keep_denormals)
     import peft
     import transformers
     from transformers import ViTForImageClassification
@@ -857,6 +884,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "quick": args.quick,
         "proxy": args.proxy,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "flush_denormal": flush,
         "memory_method": "skipped" if args.no_memory else (
             "the model's own weights, buffers and inputs plus the largest increase of allocated memory during "
             "two training steps, the increase from "

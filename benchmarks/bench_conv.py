@@ -38,7 +38,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adapters import Runner, device_name, summary, time_interleaved  # noqa: E402
+from bench_adapters import Runner, add_denormal_flag, device_name, set_cpu_denormals, summary  # noqa: E402
+from bench_adapters import time_interleaved  # noqa: E402
 from opcount import count_ops  # noqa: E402
 
 METHODS = ("frozen", "lora", "alore_par", "alore_seq")
@@ -146,7 +147,8 @@ def markdown(report: dict) -> str:
         f"Command: `{meta['command']}`",
         "",
         f"- {meta['device_name']}, torch {meta['torch']}, {meta['threads']} threads; load average at start "
-        f"{meta['loadavg_start']}, at end {meta['loadavg_end']}.",
+        f"{meta['loadavg_start']}, at end {meta['loadavg_end']}"
+        + ("; subnormal floats flushed to zero." if meta.get("flush_denormal") else "."),
         f"- r={R}, n={N}; {meta['reps']} interleaved repetitions of a train step. Times: wall-clock median ms "
         "[quartiles] / CPU-time median; `x LoRA`: median of per-repetition ratios, wall / CPU.",
         "",
@@ -173,11 +175,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="narrow backbones, small images: a smoke test")
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    add_denormal_flag(p)
     args = p.parse_args(argv)
     args.sizes = args.sizes or ([32] if args.quick else [56, 112])
     args.batch = args.batch or (2 if args.quick else 32)
     args.reps = args.reps or (1 if args.quick else 7)
     torch.set_num_threads(args.threads)
+    flush = set_cpu_denormals(args.keep_denormals)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -190,6 +194,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             "threads": torch.get_num_threads(),
             "loadavg_start": [round(v, 2) for v in os.getloadavg()],
             "reps": args.reps,
+            "flush_denormal": flush,
         },
         "results": [],
     }

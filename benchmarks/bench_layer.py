@@ -42,7 +42,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adapters import Runner, device_name, summary, time_interleaved  # noqa: E402
+from bench_adapters import Runner, add_denormal_flag, device_name, set_cpu_denormals, summary  # noqa: E402
+from bench_adapters import time_interleaved  # noqa: E402
 from opcount import count_ops  # noqa: E402
 
 R, N = 4, 4
@@ -171,8 +172,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="a 64-wide module, few tokens and repetitions")
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    add_denormal_flag(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    flush = set_cpu_denormals(args.keep_denormals)
     reps = args.reps or (3 if args.quick else 10)
     d, mlp = (64, 256) if args.quick else (768, 3072)
     tokens = 64 if args.quick else args.tokens
@@ -188,6 +191,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "flush_denormal": flush,
             "loadavg_start": [round(v, 2) for v in os.getloadavg()],
             "width": d,
             "mlp": mlp,
@@ -240,7 +244,7 @@ def markdown(report: dict) -> str:
         "",
         f"- {meta['device_name']}, torch {meta['torch']}, {meta['threads']} threads, "
         f"OMP_WAIT_POLICY={meta['omp_wait_policy']}; load average at start {meta['loadavg_start']}, "
-        f"at end {meta['loadavg_end']}.",
+        f"at end {meta['loadavg_end']}" + ("; subnormal floats flushed to zero." if meta.get("flush_denormal") else "."),
         f"- `LayerNorm -> attention` (q, k, v {meta['width']} -> {meta['width']}, fc1 {meta['width']} -> "
         f"{meta['mlp']}); r={meta['r']}, n={meta['n']}; {meta['tokens']} tokens per call; {meta['reps']} "
         "interleaved repetitions.",

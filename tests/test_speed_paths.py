@@ -415,6 +415,7 @@ def keep_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+    torch.set_flush_denormal(False)  # the benchmarks flush subnormals (PyTorch's default keeps them)
 
 
 def test_bench_adapters_quick_writes_json_and_table(tmp_path, monkeypatch, keep_threads):
@@ -454,3 +455,16 @@ def test_bench_layer_quick_writes_json_and_table(tmp_path, monkeypatch, keep_thr
         assert set(report["ops"][precision]) == names - {"base"}
         assert all(o["kernel_ops"] > 0 for o in report["ops"][precision].values())
     assert "| alore_block |" in (tmp_path / "bench_layer.md").read_text()
+
+
+def test_bench_conv_quick_writes_json_and_table(tmp_path, monkeypatch, keep_threads):
+    bench = _load_benchmark("bench_conv", monkeypatch)
+    bench.main(["--quick", "--backbones", "mobilenet_v2", "--out-dir", str(tmp_path)])
+    report = json.loads((tmp_path / "bench_conv.json").read_text())
+    assert report["meta"]["flush_denormal"] == torch.set_flush_denormal(True)  # flushed wherever the CPU can
+    (result,) = report["results"]
+    assert result["kernels"] == ["(1, 1)"] and result["adapted_convs"] > 0
+    assert set(result["train"]) == set(bench.METHODS)
+    for name in ("alore_par", "alore_seq"):  # adapters add operators to the frozen model's step
+        assert result["ops"][name]["kernel_ops"] > result["ops"]["frozen"]["kernel_ops"]
+    assert "| mobilenet_v2 |" in (tmp_path / "bench_conv.md").read_text()
