@@ -311,6 +311,24 @@ def test_cached_block_call_puts_the_containers_own_weights_back_even_on_error():
     assert all(p is params[name] for name, p in model.named_parameters())
 
 
+@pytest.mark.parametrize("mode,targets", [("sequential", ["attention", "mlp"]), ("parallel", ["q_proj", "fc1"]),
+                                          ("sequential", ["q_proj", "fc1"])], ids=["block", "parallel", "sequential"])
+def test_cached_inference_runs_the_base_models_operators(mode, targets, monkeypatch):
+    # Unmerged, in eval mode without gradients: exactly the operators of the model without adapters.
+    opcount = _load_benchmark("opcount", monkeypatch)
+    torch.manual_seed(0)
+    base = tiny_vit().eval()
+    model = get_peft_model(copy.deepcopy(base), AloreConfig(r=2, num_experts=4, mode=mode, target_modules=targets,
+                                                             init_weights=False)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    counts = {}
+    for name, net in (("base", base), ("alore", model)):
+        counts[name] = opcount.count_ops(lambda net=net: _cached(net, x))  # warm-up call fills the cache
+        counts[name] = (counts[name].aten, counts[name].kernels)
+    assert counts["alore"] == counts["base"]
+    assert not torch.allclose(_cached(model, x), _cached(base, x))  # and the adapters are in the output
+
+
 def test_cache_is_dropped_when_adapters_switch():
     model = get_peft_model(tiny_vit(), AloreConfig(r=2, num_experts=4, target_modules=["attention", "mlp"],
                                                   init_weights=False)).eval()
