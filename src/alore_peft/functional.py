@@ -153,13 +153,14 @@ def reference_delta_weight(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, sc
 
 
 # -- the factored path -----------------------------------------------------------
-# A hand-written backward keeps the operators of a training call at about what a
+# A hand-written backward keeps the operators of a training call at most what a
 # LoRA layer runs: no per-call identity, no copy of a per-token tensor, the
-# scale riding on the matmuls, and the rule and up-factor gradients from one
-# small copy and two batched matmuls. The fold is written transposed,
-# ``BfT[(j, i, r), (p, a)]``, so that both the fold and that copy run over the
-# long ``a`` axis (``d_out / n`` elements) instead of the ``r`` or ``n`` axes
-# (a few elements each), which on a CPU made them ten times slower.
+# scale riding on the matmuls. The fold is written transposed,
+# ``BfT[(j, i, r), (p, a)]``, and the layers store ``B`` with its ``a`` axis
+# contiguous, so the fold runs along that long axis (``d_out / n`` elements; along
+# the ``r`` or ``n`` axes, a few elements each, it ran ten times slower on a CPU),
+# and the fold's gradient comes out of one batched matmul already expert-major,
+# the rule and up-factor gradients one batched matmul each on views of it.
 
 
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float, like: torch.Tensor) -> torch.Tensor:
