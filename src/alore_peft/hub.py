@@ -61,7 +61,7 @@ def _counts(model: Any, adapter: str) -> dict[str, int]:
 def _targets(config: Any) -> str:
     targets = config.target_modules
     if targets is None:
-        return "the preset of the base model's type"
+        return "the paper's placement, traced from the base model"
     if isinstance(targets, str):
         return f"regex `{targets}`"
     return ", ".join(f"`{t}`" for t in sorted(targets))
