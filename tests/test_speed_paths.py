@@ -101,19 +101,20 @@ def reference(layer: L.AloreLayer, x: torch.Tensor) -> torch.Tensor:
     return base(xd) + xd @ dW.T
 
 
-def store_b_contiguous(layer: L.AloreLayer) -> None:
-    """Re-store the up factor in plain row-major order (as ``load_state_dict(assign=True)`` or FSDP may leave it)."""
+def store_b_transposed(layer: L.AloreLayer) -> None:
+    """Re-store the up factor with its ``d_out / n`` axis contiguous: any layout must compute the same."""
     B = layer.alore_B["default"]
-    layer.alore_B["default"] = nn.Parameter(B.detach().contiguous(), requires_grad=B.requires_grad)
+    stored = B.detach().transpose(1, 2).contiguous().transpose(1, 2)
+    layer.alore_B["default"] = nn.Parameter(stored, requires_grad=B.requires_grad)
 
 
-@pytest.mark.parametrize("b_layout", ["layer", "contiguous"])
+@pytest.mark.parametrize("b_layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case,mode,path", CASES, ids=IDS)
 def test_every_path_matches_kron_values_and_gradients(case, mode, path, dtype, b_layout):
     layer = make_layer(case, mode, path, dtype)
-    if b_layout == "contiguous":
-        store_b_contiguous(layer)
+    if b_layout == "transposed":
+        store_b_transposed(layer)
     x = make_input(case, dtype)
     A, B, C = layer.factors("default")
     assert B.is_contiguous() == (b_layout == "contiguous")
@@ -127,7 +128,7 @@ def test_every_path_matches_kron_values_and_gradients(case, mode, path, dtype, b
     for got, want in zip(grads, torch.autograd.grad(ref, tensors, g)):
         assert got is not None and got.abs().sum() > 0
         assert_close(got, want, dtype)
-    if path == "factored":  # the factors' gradients come out in their own layouts: accumulating them copies nothing
+    if path == "factored" and b_layout == "contiguous":  # the layers' own layout: accumulating the gradients copies nothing
         assert [got.stride() for got in grads[1:]] == [p.stride() for p in (A, B, C)]
 
 
@@ -396,13 +397,15 @@ def test_compiled_whole_model_has_no_graph_break(mode, targets):
 # -- operators of a training call, against PEFT's LoRA at the same budget --------------------
 # Kernel-launching operators ALoRE may run beyond (negative: below) the LoRA on the same layer, per
 # precision. In float32 a residual x + s dW x copies an input it does not own (a sequential layer:
-# forward; a block: forward and backward), which LoRA does not; the rest is at most LoRA's.
+# forward; a block: forward and backward), and the rule and up-factor gradients take one small copy
+# and two batched matmuls where LoRA's up factor takes one matmul; fusing the frozen nn.Linear into
+# the adapter's function pays one back. Under autocast every path casts fewer tensors than LoRA.
 # Fixed numbers: any regression fails.
 EXTRA_KERNELS = {
-    (False, "alore_par"): -1,
-    (False, "alore_par_fc1"): -1,
-    (False, "alore_seq"): 0,
-    (False, "alore_block"): 1,
+    (False, "alore_par"): 0,
+    (False, "alore_par_fc1"): 0,
+    (False, "alore_seq"): 1,
+    (False, "alore_block"): 2,
     (True, "alore_par"): -4,
     (True, "alore_par_fc1"): -4,
     (True, "alore_seq"): -3,

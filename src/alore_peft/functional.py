@@ -153,14 +153,13 @@ def reference_delta_weight(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, sc
 
 
 # -- the factored path -----------------------------------------------------------
-# A hand-written backward keeps the operators of a training call at most what a
+# A hand-written backward keeps the operators of a training call at about what a
 # LoRA layer runs: no per-call identity, no copy of a per-token tensor, the
-# scale riding on the matmuls. The fold is written transposed,
-# ``BfT[(j, i, r), (p, a)]``, and the layers store ``B`` with its ``a`` axis
-# contiguous, so the fold runs along that long axis (``d_out / n`` elements; along
-# the ``r`` or ``n`` axes, a few elements each, it ran ten times slower on a CPU),
-# and the fold's gradient comes out of one batched matmul already expert-major,
-# the rule and up-factor gradients one batched matmul each on views of it.
+# scale riding on the matmuls, and the rule and up-factor gradients from one
+# small copy and two batched matmuls. The fold is written transposed,
+# ``BfT[(j, i, r), (p, a)]``, so that the fold and that copy run along the long
+# ``a`` axis (``d_out / n`` elements); along the ``r`` or ``n`` axes (a few
+# elements each) they ran three times slower on a CPU.
 
 
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float, like: torch.Tensor) -> torch.Tensor:
@@ -175,13 +174,6 @@ def _t(m: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return m.t()
     return m.as_strided((m.shape[1], m.shape[0]), (m.stride(1), m.stride(0)), m.storage_offset())
-
-
-def _t3(m: torch.Tensor) -> torch.Tensor:
-    """``m.transpose(1, 2)`` of a 3-D tensor as one dispatched operator in eager mode."""
-    if torch.compiler.is_compiling():
-        return m.transpose(1, 2)
-    return m.as_strided((m.shape[0], m.shape[2], m.shape[1]), (m.stride(0), m.stride(2), m.stride(1)), m.storage_offset())
 
 
 def _flat(t: torch.Tensor, *shape: int) -> torch.Tensor:
@@ -223,31 +215,6 @@ def _down(xc: torch.Tensor, cc: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return blocks, z.view(tokens, n * n * r)  # (T, (j, i, r))
 
 
-def _expert_major_grad(z: torch.Tensor, g: torch.Tensor, n: int, q_out: int, scale: float) -> torch.Tensor:
-    """``scale * z^T g`` (the gradient of ``BfT``) as ``(n_i, (p, j), (r, a))`` views of one batched matmul over ``p``.
-
-    ``z``: ``(T, (j, i, r))`` contiguous; ``g``: ``(T, (p, a))``. The product
-    ``X[p, (j, i, r), a] = scale * sum_t z[t, (j, i, r)] g[t, p, a]`` is read
-    per expert ``i`` as a ``((p, j), (r, a))`` matrix: both index pairs are
-    adjacent in memory, so no copy is needed.
-    """
-    tokens, k = z.shape
-    r = k // (n * n)
-    if torch.compiler.is_compiling():
-        zt = z.t().unsqueeze(0).expand(n, k, tokens)
-        gp = g.view(tokens, n, q_out).transpose(0, 1)
-    else:
-        zt = z.as_strided((n, k, tokens), (0, 1, k), z.storage_offset())  # z^T, shared by every p
-        gp = g.as_strided((n, tokens, q_out), (q_out * g.stride(1), g.stride(0), g.stride(1)), g.storage_offset())
-    if scale == 1.0:
-        x = torch.bmm(zt, gp)  # (p, (j, i, r), a)
-    else:
-        x = torch.baddbmm(gp.as_strided((1, 1, 1), (0, 0, 0)), zt, gp, beta=0, alpha=scale)
-    if torch.compiler.is_compiling():
-        return x.view(n, n, n, r * q_out).permute(2, 0, 1, 3).reshape(n, n * n, r * q_out)
-    return x.as_strided((n, n * n, r * q_out), (r * q_out, n * r * q_out, 1), x.storage_offset())
-
-
 def _factor_grads(ctx, saved: tuple, g: torch.Tensor, need_gz: bool) -> tuple:
     """``(gz, gA, gB, gC)`` from ``g``, the gradient at the adapter's output ``(T, d_out)``."""
     blocks, z, bft, A, B, cc = saved[:6]
@@ -262,25 +229,15 @@ def _factor_grads(ctx, saved: tuple, g: torch.Tensor, need_gz: bool) -> tuple:
         if need_c:
             gc = _cast(torch.mm(_t(gz), blocks).view(n, r, q_in), ctx.c_dtype)
     if need_a or need_b:
-        # B stored with its d_out / n axis contiguous (the layers' own layout): every gradient runs along
-        # that long axis and gB comes out in B's layout. In the compute dtype, the fold's gradient comes out
-        # of one batched matmul per output block p already expert-major, X[p, (j, i, r), a], and each
-        # factor's gradient is one more batched matmul on views of it; otherwise one copy (which also
-        # casts to the factors' dtype) makes it expert-major.
-        b_rows = B.stride(1) == 1 and B.stride(2) == q_out and B.stride(0) == q_out * r
-        if b_rows and B.dtype == g.dtype:
-            x_i = _expert_major_grad(z, g, n, q_out, scale)  # (i, (p, j), (r, a))
-        else:
-            gbft = _scaled_mm(_t(z), g, scale, like=bft)  # ((j, i, r), (p, a))
-            x_i = torch.empty((n, n, n, r, q_out) if b_rows else (n, n, n, q_out, r), dtype=B.dtype, device=B.device)
-            x_i.copy_(gbft.view(n, n, r, n, q_out).permute((1, 3, 0, 2, 4) if b_rows else (1, 3, 0, 4, 2)))
-            x_i = x_i.view(n, n * n, q_out * r)  # (i, (p, j), (r, a)) or (i, (p, j), (a, r))
-        b_flat = _t3(B).view(n, r * q_out, 1) if b_rows else _flat(B, n, q_out * r, 1)
+        gbft = _scaled_mm(_t(z), g, scale, like=bft)  # ((j, i, r), (p, a))
+        # One copy to the expert-major layout (and to the factors' dtype), running along the long a axis.
+        x_i = torch.empty((n, n, n, q_out, r), dtype=B.dtype, device=B.device)
+        x_i.copy_(gbft.view(n, n, r, n, q_out).permute(1, 3, 0, 4, 2))
+        x_i = x_i.view(n, n * n, q_out * r)  # (i, (p, j), (a, r))
         if need_b:
-            gb = torch.bmm(_flat(_cast(A, B.dtype), n, 1, n * n), x_i)
-            gb = _t3(gb.view(n, r, q_out)) if b_rows else gb.view(n, q_out, r)  # in B's own layout
+            gb = torch.bmm(_flat(_cast(A, B.dtype), n, 1, n * n), x_i).view(n, q_out, r)
         if need_a:
-            ga = _cast(torch.bmm(x_i, b_flat).view(n, n, n), A.dtype)
+            ga = _cast(torch.bmm(x_i, _flat(B, n, q_out * r, 1)).view(n, n, n), A.dtype)
     return gz, ga, gb, gc
 
 

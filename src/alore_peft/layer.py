@@ -150,9 +150,7 @@ class AloreLayer(BaseTunerLayer):
         else:
             b_bound = 1.0 / math.sqrt(n * r)
             b = torch.empty(n, q_out, r).uniform_(-b_bound, b_bound)
-        # Stored with the d_out / n axis contiguous (a transposed view of an (n, r, d_out / n) tensor): the
-        # factored path's fold and gradient then run over that long axis (functional._fold_into).
-        self.alore_B[adapter_name] = nn.Parameter(b.transpose(1, 2).contiguous().transpose(1, 2))
+        self.alore_B[adapter_name] = nn.Parameter(b)
         if not config.share_rules:
             self.alore_A[adapter_name] = nn.Parameter(functional.init_rules(n, config.rule_init))
         self._move_adapter_to_device_of_base_layer(adapter_name)
