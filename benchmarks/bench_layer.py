@@ -98,14 +98,14 @@ def configs() -> dict:
 LORA_OF = {"alore_par": "lora", "alore_par_fc1": "lora_fc1", "alore_seq": "lora", "alore_block": "lora"}
 
 
-def build(name: str, d: int, mlp: int, seed: int = 0) -> nn.Module:
-    """``HalfBlock`` with variant ``name``'s adapter (the same random weights for every variant)."""
+def build(name: str, d: int, mlp: int, seed: int = 0, blocks: int = 1) -> nn.Module:
+    """``HalfBlock`` (``blocks`` of them in a row) with variant ``name``'s adapter (the same random weights for every variant)."""
     from peft import get_peft_model
 
     import alore_peft  # noqa: F401  (registers ALoRE with PEFT)
 
     torch.manual_seed(seed)
-    model = HalfBlock(d, mlp)
+    model = HalfBlock(d, mlp) if blocks == 1 else nn.Sequential(*(HalfBlock(d, mlp) for _ in range(blocks)))
     cfg = configs()[name]
     if cfg is None:
         return model.requires_grad_(False)
@@ -139,11 +139,27 @@ def infer_call(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 
 
 def adapter_ops(name: str, d: int = 64, mlp: int = 128, tokens: int = 8, autocast: bool = False) -> dict:
-    """Operators variant ``name``'s adapter adds to one training call (the frozen module's own subtracted)."""
-    x = torch.randn(1, tokens, d, requires_grad=True)
-    base = count_ops(train_call(build("base", d, mlp), x, autocast))
-    adapted = count_ops(train_call(build(name, d, mlp), x, autocast))
-    return {"aten_ops": adapted.aten - base.aten, "kernel_ops": adapted.kernels - base.kernels}
+    """Operators variant ``name``'s adapter adds to one training call, per adapted layer and for one layer alone.
+
+    ``aten_ops``/``kernel_ops``: what each adapted layer adds (a model with
+    two adapted blocks minus one with one; the frozen modules' own
+    subtracted). ``alone``: the same for a model with one adapted layer, which
+    also holds what an adapter runs once per model forward whatever its number
+    of layers (ALoRE's shared rules: their mixing matrix and its gradient).
+    """
+
+    def share(blocks: int) -> tuple[int, int]:
+        x = torch.randn(1, tokens, d, requires_grad=True)
+        base = count_ops(train_call(build("base", d, mlp, blocks=blocks), x, autocast))
+        adapted = count_ops(train_call(build(name, d, mlp, blocks=blocks), x, autocast))
+        return adapted.aten - base.aten, adapted.kernels - base.kernels
+
+    one, two = share(1), share(2)
+    return {
+        "aten_ops": two[0] - one[0],
+        "kernel_ops": two[1] - one[1],
+        "alone": {"aten_ops": one[0], "kernel_ops": one[1]},
+    }
 
 
 def check_equal(d: int, mlp: int) -> float:

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -180,3 +181,20 @@ def test_push_to_hub_uploads_the_alore_card(adapter, tmp_path, monkeypatch):
     assert "[More Information Needed]" not in card.text and "https://arxiv.org/abs/2412.08341" in card.text
     assert 'from_pretrained("someone/tiny-alore")' in card.text  # the loading code names the repository
     assert {"alore", "colours"} <= set(card.data.tags)
+
+
+def test_files_hold_b_as_n_by_d_out_over_n_by_r_whatever_the_storage(tmp_path):
+    # The layers store B as (n, r, d_out / n) for the factored path's matmuls; a file (and the state
+    # dict) keeps the documented (n, d_out / n, r), and loading puts it back into the stored layout.
+    model = get_peft_model(tiny_vit(), AloreConfig(r=2, num_experts=4, target_modules=["q_proj"], init_weights=False))
+    name, layer = next((n, m) for n, m in model.named_modules() if isinstance(m, AloreLayer))
+    stored, B = layer.alore_B["default"], layer.factors("default")[1]
+    assert stored.is_contiguous() and stored.shape == (4, 2, layer.in_dim // 4)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    key = next(k for k in saved if k.endswith(name.split("base_model.model.", 1)[1] + ".alore_B"))
+    assert saved[key].shape == B.shape == (4, layer.in_dim // 4, 2)
+    assert torch.equal(saved[key], B.detach())
+    loaded = PeftModel.from_pretrained(tiny_vit(), tmp_path)
+    again = dict(loaded.named_modules())[name].alore_B["default"]
+    assert again.is_contiguous() and torch.equal(again, stored.detach())

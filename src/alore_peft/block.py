@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .config import AloreConfig
-from .layer import AloreLayer
+from .layer import AloreLayer, RuleMixes
 from .trace import INPUT_KWARGS, BlockTrace, ContainerProbe, find_input, probe_container, trace_container
 
 __all__ = ["AloreBlock", "probe_block"]
@@ -84,6 +84,7 @@ class AloreBlock(nn.Module, AloreLayer):
         shared_rules: The tuner's shared rule matrices.
         module_name: The container's name in the model, for error messages.
         probed: The container's probe, if already taken (:func:`probe_block`).
+        rule_mixes: The tuner's per-forward rule mixes (:class:`alore_peft.layer.RuleMixes`).
     """
 
     modes = ("sequential",)
@@ -96,11 +97,12 @@ class AloreBlock(nn.Module, AloreLayer):
         shared_rules: Optional[nn.ParameterDict] = None,
         module_name: str = "",
         probed: Optional[ContainerProbe] = None,
+        rule_mixes: Optional[RuleMixes] = None,
     ) -> None:
         check_block_mode(config, base_layer, module_name)
         probed = probed or probe_block(base_layer, module_name)
         super().__init__()
-        AloreLayer.__init__(self, base_layer, shared_rules)
+        AloreLayer.__init__(self, base_layer, shared_rules, rule_mixes)
         self.module_name = module_name
         self._ref_name = probed.ref_name
         self._in_dim, self._feature_dim = probed.in_dim, probed.feature_dim

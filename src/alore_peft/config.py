@@ -66,7 +66,7 @@ class AloreConfig(PeftConfig):
         rule_init: How rule matrices start: ``"orthogonal"`` (default; unit
             singular values, different per expert) or ``"normal"``.
         compute_path: ``"auto"`` (default): linear layers and blocks run
-            ``"factored"`` while training (``dW`` never built: two token-sized
+            ``"factored"`` while training (``dW`` never built: three token-sized
             matmuls per adapter), convolutions fold; in eval mode with
             gradients off every layer serves from its folded weights,
             ``W (I + s dW)`` or ``W + s dW``, cached until a weight changes (the

@@ -27,17 +27,20 @@ so splitting an input vector into ``n`` blocks ``x = [x_0 ... x_{n-1}]`` of
 ``q_in`` features, block ``p`` of the output is
 ``sum_i sum_j A_i[p, j] * M_i @ x_j``.
 
-**The fold.** Every path here rests on one rearrangement: the rules fold into
-the up factors,
+**The fold.** The rules fold into the up factors,
 
     Bf[(p, a), (j, i, r)] = A[i, p, j] * B[i, a, r]          # (d_out, n * n * r)
 
 and ``dW = Bf @ V`` with ``V`` the block-diagonal matrix that applies every
-expert's ``C[i]`` to every input block ``j``. So ``dW x`` is two token-sized
-matmuls, ``z = blocks(x) @ C.view(n * r, q_in).T`` then ``z.view(T, n*n*r) @
-Bf.T``, with no copy or permutation of a per-token tensor in between
-(:func:`apply`); a weight folds in as ``W @ dW = (W @ Bf) @ V`` without ever
-building the ``d_in x d_in`` update (:func:`folded_weight`).
+expert's ``C[i]`` to every input block ``j``: that builds ``dW``
+(:func:`delta_weight`) and folds a weight, ``W @ dW = (W @ Bf) @ V``, without
+ever building a ``d_in x d_in`` update (:func:`folded_weight`).
+
+**The factored path.** A call never builds ``dW`` nor ``Bf``: the rules mix
+the experts' rank-``r`` projections of the input blocks (an ``(n^2 r, n^2
+r)`` matrix built once per model forward, :func:`rule_mix`), so ``dW x`` is
+three token-sized matmuls with no copy of a per-token tensor between them
+(:func:`apply`, :func:`linear`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,10 @@ __all__ = [
     "Factors",
     "delta_weight",
     "fold_rules",
+    "RuleMix",
+    "rule_mix",
+    "mix_matrix",
+    "compute_dtype",
     "apply",
     "linear",
     "folded_weight",
@@ -153,13 +160,21 @@ def reference_delta_weight(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, sc
 
 
 # -- the factored path -----------------------------------------------------------
-# A hand-written backward keeps the operators of a training call at about what a
-# LoRA layer runs: no per-call identity, no copy of a per-token tensor, the
-# scale riding on the matmuls, and the rule and up-factor gradients from one
-# small copy and two batched matmuls. The fold is written transposed,
-# ``BfT[(j, i, r), (p, a)]``, so that the fold and that copy run along the long
-# ``a`` axis (``d_out / n`` elements); along the ``r`` or ``n`` axes (a few
-# elements each) they ran three times slower on a CPU.
+# The rules act in the rank space. With ``z`` every block of ``x`` projected
+# down by every expert, ``z[t, (j, i, r)] = C[i] @ x_j``, the rules mix the
+# blocks inside it and every expert's up factor then writes every output block:
+#
+#     u[t, (p, i, r)] = sum_j A[i, p, j] z[t, (j, i, r)]        u = z @ M
+#     y[t, (p, a)]    = sum_{i, r} u[t, (p, i, r)] B[i, a, r]   one (T n, n r) x (n r, d_out / n) matmul
+#
+# ``M`` (:func:`mix_matrix`, ``(n^2 r, n^2 r)``) depends on the rules alone, so
+# an adapter whose layers share their rules builds it once per model forward
+# (:class:`RuleMix`), and the layers' gradients of ``M`` collect in one buffer,
+# updated in place and turned into the rules' gradient once per backward pass.
+# Per layer: three matmuls forward, six backward, ``T (n r (d_in + d_out) +
+# (n^2 r)^2)`` multiply-adds forward. The up matmul reads ``B`` as ``(n r,
+# d_out / n)``: the layers store ``B`` as ``(n, r, d_out / n)`` (``B[i]``
+# transposed), and its gradient comes out of one matmul in that layout.
 
 
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float, like: torch.Tensor) -> torch.Tensor:
@@ -192,86 +207,193 @@ def _no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
-def _fold_into(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """:func:`fold_rules` transposed, ``BfT: (n * n * r, d_out)``, as one operator in ``B``'s dtype, written in ``dtype``."""
-    n, q_out, r = B.shape
-    if torch.compiler.is_compiling():  # the compiler picks the product's layout itself
-        return _cast(fold_rules(A, B), dtype).t()
-    a = _cast(A, B.dtype)
-    shape = (n, n, r, n, q_out)  # (j, i, r, p, a)
-    a_view = a.as_strided(shape, (a.stride(2), a.stride(0), 0, a.stride(1), 0), a.storage_offset())
-    b_view = B.as_strided(shape, (0, B.stride(0), B.stride(2), 0, B.stride(1)), B.storage_offset())
-    bft = torch.empty(shape, dtype=dtype, device=B.device)
-    torch.mul(a_view, b_view, out=bft)
-    return bft.view(n * n * r, n * q_out)  # ((j, i, r), (p, a))
+def mix_matrix(A: torch.Tensor, r: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The rules as one matrix on the rank space, ``M[(j, i, s), (p, k, t)] = A[i, p, j] [i == k] [s == t]``.
+
+    ``z @ M`` mixes the ``n`` input blocks of every expert's rank-``r``
+    projection ``z[t, (j, i, s)]`` into output blocks (see the comment above).
+    Plain differentiable operators: the reference for (and the compiled form of)
+    what :func:`rule_mix` builds.
+
+    Args:
+        A: Rule matrices, ``(n, n, n)``.
+        r: Rank of every expert.
+        dtype: Result dtype (default ``A``'s).
+
+    Returns:
+        ``(n * n * r, n * n * r)``.
+    """
+    n = A.shape[0]
+    dtype = dtype or A.dtype
+    eye_n = torch.eye(n, dtype=dtype, device=A.device)
+    eye_r = torch.eye(r, dtype=dtype, device=A.device)
+    return torch.einsum("ipj,ik,st->jispkt", A.to(dtype), eye_n, eye_r).reshape(n * n * r, n * n * r)
 
 
-def _down(xc: torch.Tensor, cc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(blocks, z)``: ``x`` split into blocks, ``(T * n_j, q_in)``, and every block down-projected by every expert."""
+def _mix_views(m: torch.Tensor, n: int, r: int) -> torch.Tensor:
+    """The entries of ``M`` that hold a rule, as an ``(i, p, j, s)`` view of ``M`` (contiguous ``(K, K)``)."""
+    k = n * n * r
+    return m.as_strided((n, n, n, r), (r * k + r, n * r, n * r * k, k + 1), m.storage_offset())
+
+
+class _RuleGrad:
+    """The gradient of one :class:`RuleMix`'s ``M``: every layer that read ``M`` adds its share in place.
+
+    A backward pass (``torch._C._current_graph_task_id``) starts a fresh sum,
+    so a pass that never reached the rules (``torch.autograd.grad`` of other
+    tensors) leaves nothing behind for the next one. The sum is kept in the
+    rules' dtype (float32 under autocast).
+    """
+
+    __slots__ = ("dtype", "total", "task")
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype, self.total, self.task = dtype, None, None
+
+    def add(self, zt: torch.Tensor, gu: torch.Tensor, scale: float, like: torch.Tensor) -> None:
+        task = torch._C._current_graph_task_id()
+        if self.total is None or self.task != task:
+            self.total, self.task = _cast(_scaled_mm(zt, gu, scale, like), self.dtype), task
+        elif self.total.dtype == gu.dtype:
+            self.total.addmm_(zt, gu, alpha=scale)
+        else:
+            self.total.add_(_scaled_mm(zt, gu, scale, like))
+
+    def take(self) -> Optional[torch.Tensor]:
+        total = self.total if self.task == torch._C._current_graph_task_id() else None
+        self.total = self.task = None
+        return total
+
+
+def _build_mix(A: torch.Tensor, r: int, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`mix_matrix` in two operators (eager): zeros, then the rules copied onto their entries."""
+    n = A.shape[0]
+    k = n * n * r
+    m = torch.zeros(k, k, dtype=dtype, device=A.device)
+    a_view = A.as_strided((n, n, n, r), (A.stride(0), A.stride(1), A.stride(2), 0), A.storage_offset())
+    _mix_views(m, n, r).copy_(a_view)  # (i, p, j, s)
+    return m
+
+
+class _MixBuild(torch.autograd.Function):
+    """``M`` from the rules; its backward reads the sum the layers built in place (:class:`_RuleGrad`)."""
+
+    @staticmethod
+    def forward(ctx, A, r, dtype, grad):  # noqa: D102
+        ctx.set_materialize_grads(False)
+        ctx.grad, ctx.n, ctx.r, ctx.a_dtype = grad, A.shape[0], r, A.dtype
+        return _build_mix(A, r, dtype)
+
+    @staticmethod
+    def backward(ctx, gm):  # noqa: D102
+        total = ctx.grad.take()
+        if gm is not None:  # a consumer that returned its share instead of adding it in place
+            total = gm if total is None else total + gm
+        if total is None:
+            return None, None, None, None
+        diag = _mix_views(_flat(total, *total.shape), ctx.n, ctx.r)  # (i, p, j, s)
+        return torch.sum(diag, dim=3, dtype=ctx.a_dtype), None, None, None
+
+
+class RuleMix:
+    """One adapter's rules as the mixing matrix ``M`` (:func:`mix_matrix`), and where its gradient collects.
+
+    Built by :func:`rule_mix`. Every layer call that hands the same object to
+    :func:`apply` or :func:`linear` shares one ``M`` and one gradient buffer;
+    the layers do this for every call of one model forward.
+    """
+
+    __slots__ = ("matrix", "grad")
+
+    def __init__(self, matrix: torch.Tensor, grad: Optional[_RuleGrad] = None) -> None:
+        self.matrix, self.grad = matrix, grad
+
+
+def rule_mix(A: torch.Tensor, r: int, dtype: torch.dtype) -> RuleMix:
+    """The :class:`RuleMix` of rules ``A`` for experts of rank ``r``, ``M`` in the compute dtype ``dtype``.
+
+    Differentiable in ``A``. Under ``torch.compile`` ``M`` is plain operators
+    (:func:`mix_matrix`) and every layer returns its own gradient of it.
+    """
+    if torch.compiler.is_compiling():
+        return RuleMix(mix_matrix(A, r, dtype))
+    if A.requires_grad and torch.is_grad_enabled():
+        grad = _RuleGrad(A.dtype)
+        return RuleMix(_MixBuild.apply(A, r, dtype, grad), grad)
+    with torch.no_grad():
+        return RuleMix(_build_mix(A, r, dtype))
+
+
+def _down_mix(xc: torch.Tensor, cc: torch.Tensor, m: torch.Tensor, scale: float) -> tuple:
+    """``(blocks, z, u)``: ``x``'s blocks ``(T n, q_in)``, projected by every expert ``(T, (j, i, r))``, mixed ``s z @ M``."""
     n, r, q_in = cc.shape
     tokens = xc.shape[0]
     blocks = xc.view(tokens * n, q_in)  # (T * n_j, q_in)
-    z = torch.mm(blocks, _t(cc.view(n * r, q_in)))  # (T * n_j, (i, r))
-    return blocks, z.view(tokens, n * n * r)  # (T, (j, i, r))
+    z = torch.mm(blocks, _t(cc.view(n * r, q_in))).view(tokens, n * n * r)  # (T, (j, i, r))
+    u = _scaled_mm(z, m, scale, like=z)  # (T, (p, i, r)), the scale carried from here on
+    return blocks, z, u
 
 
 def _factor_grads(ctx, saved: tuple, g: torch.Tensor, need_gz: bool) -> tuple:
-    """``(gz, gA, gB, gC)`` from ``g``, the gradient at the adapter's output ``(T, d_out)``."""
-    blocks, z, bft, A, B, cc = saved[:6]
-    need_a, need_b, need_c = ctx.need_factors
-    scale = ctx.scale
-    n, q_out, r = B.shape
+    """``(gz, gM, gB, gC)`` from ``g``, the gradient at the adapter's output ``(T, d_out)``; ``gB`` in the ``(n, r, d_out / n)`` layout."""
+    blocks, z, u, m, bt, cc = saved[:6]
+    need_m, need_b, need_c = ctx.need_factors
+    scale, sink = ctx.scale, ctx.rule_grad
+    n, r, q_out = bt.shape
     q_in = cc.shape[2]
     tokens = z.shape[0]
-    gz = ga = gb = gc = None
-    if need_gz or need_c:
-        gz = _scaled_mm(g, _t(bft), scale, like=z).view(tokens * n, n * r)  # (T * n_j, (i, r))
-        if need_c:
-            gc = _cast(torch.mm(_t(gz), blocks).view(n, r, q_in), ctx.c_dtype)
-    if need_a or need_b:
-        gbft = _scaled_mm(_t(z), g, scale, like=bft)  # ((j, i, r), (p, a))
-        # One copy to the expert-major layout (and to the factors' dtype), running along the long a axis.
-        x_i = torch.empty((n, n, n, q_out, r), dtype=B.dtype, device=B.device)
-        x_i.copy_(gbft.view(n, n, r, n, q_out).permute(1, 3, 0, 4, 2))
-        x_i = x_i.view(n, n * n, q_out * r)  # (i, (p, j), (a, r))
-        if need_b:
-            gb = torch.bmm(_flat(_cast(A, B.dtype), n, 1, n * n), x_i).view(n, q_out, r)
-        if need_a:
-            ga = _cast(torch.bmm(x_i, _flat(B, n, q_out * r, 1)).view(n, n, n), A.dtype)
-    return gz, ga, gb, gc
+    g_blocks = _flat(g, tokens * n, q_out)  # (T * n_p, a)
+    gz = gm = gb = gc = None
+    if need_gz or need_c or need_m:
+        gu = torch.mm(g_blocks, _t(bt.view(n * r, q_out))).view(tokens, n * n * r)  # (T, (p, i, r))
+        if need_m:
+            if sink is not None:
+                sink.add(_t(z), gu, scale, like=m)  # in place, shared with every layer that read this M
+            else:
+                gm = _scaled_mm(_t(z), gu, scale, like=m)
+        if need_gz or need_c:
+            gz = _scaled_mm(gu, _t(m), scale, like=z).view(tokens * n, n * r)  # (T * n_j, (i, r))
+            if need_c:
+                gc = _cast(torch.mm(_t(gz), blocks).view(n, r, q_in), ctx.c_dtype)
+    if need_b:
+        gb = _cast(torch.mm(_t(u.view(tokens * n, n * r)), g_blocks).view(n, r, q_out), ctx.b_dtype)
+    return gz, gm, gb, gc
 
 
-def _save(ctx, tensors: tuple, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, scale: float, dtype, x_dtype):
+def _save(ctx, tensors: tuple, bt: torch.Tensor, C: torch.Tensor, scale: float, dtype, x_dtype, rule_grad) -> None:
     ctx.save_for_backward(*tensors)
-    ctx.scale, ctx.dtype, ctx.x_dtype, ctx.c_dtype = scale, dtype, x_dtype, C.dtype
-    ctx.need_factors = (A.requires_grad, B.requires_grad, C.requires_grad)
+    ctx.scale, ctx.dtype, ctx.x_dtype, ctx.c_dtype, ctx.b_dtype = scale, dtype, x_dtype, C.dtype, bt.dtype
+    ctx.rule_grad = rule_grad
 
 
 class _FactoredDelta(torch.autograd.Function):
-    """``base + scale * x @ dW.T`` (or ``x + ...`` with ``residual``) as two token-sized matmuls.
+    """``base + scale * x @ dW.T`` (or ``x + ...`` with ``residual``) as three token-sized matmuls.
 
-    ``x2``: ``(T, d_in)``; ``base2``: ``(T, d_out)`` or ``None``; ``dtype``:
-    the compute dtype (the autocast dtype, else the factors').
+    ``x2``: ``(T, d_in)``; ``m``: the mixing matrix; ``bt``: ``B`` as ``(n, r,
+    d_out / n)``; ``base2``: ``(T, d_out)`` or ``None``; ``dtype``: the compute
+    dtype (the autocast dtype, else the factors').
     """
 
     @staticmethod
-    def forward(ctx, x2, A, B, C, base2, scale, residual, dtype, autocast):  # noqa: D102
+    def forward(ctx, x2, m, bt, C, base2, scale, residual, dtype, autocast, rule_grad):  # noqa: D102
         with _no_autocast(x2.device.type):
-            xc, cc = _cast(x2, dtype), _cast(C, dtype)
-            blocks, z = _down(xc, cc)
-            bft = _fold_into(A, B, dtype)
+            xc, cc, bc = _cast(x2, dtype), _cast(C, dtype), _flat(_cast(bt, dtype), *bt.shape)
+            n, r, q_out = bt.shape
+            tokens = x2.shape[0]
+            blocks, z, u = _down_mix(xc, cc, m, scale)
+            u_blocks, b_mat = u.view(tokens * n, n * r), bc.view(n * r, q_out)
             # Under autocast x + s dW x comes out in the autocast dtype, which its consumers would cast it to.
             acc = (xc if autocast else x2) if residual else base2
             fused = acc is not None and acc.dtype == dtype
             if acc is None:
-                out = torch.mm(z, bft) * scale if scale != 1.0 else torch.mm(z, bft)  # (T, d_out)
+                out = torch.mm(u_blocks, b_mat)  # (T * n_p, a)
             elif fused:
-                out = torch.addmm(acc, z, bft, alpha=scale)  # (T, d_out)
+                out = torch.addmm(_flat(acc, tokens * n, q_out), u_blocks, b_mat)
             else:  # e.g. a float32 adapter beside a bfloat16 base layer: add in the base's dtype
-                out = acc + (torch.mm(z, bft) * scale).to(acc.dtype)
-        _save(ctx, (blocks, z, bft, A, B, cc), A, B, C, scale, dtype, x2.dtype)
+                out = acc + torch.mm(u_blocks, b_mat).view(tokens, n * q_out).to(acc.dtype)
+        _save(ctx, (blocks, z, u, m, bc, cc), bt, C, scale, dtype, x2.dtype, rule_grad)
         ctx.residual, ctx.fused = residual, fused
-        return out
+        return out.view(tokens, n * q_out)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
@@ -281,20 +403,20 @@ class _FactoredDelta(torch.autograd.Function):
         gx = None
         with _no_autocast(grad.device.type):
             g = _cast(grad, ctx.dtype)  # (T, d_out)
-            gz, ga, gb, gc = _factor_grads(ctx, saved, g, need_x)
+            gz, gm, gb, gc = _factor_grads(ctx, saved, g, need_x)
             if need_x:
                 cc = saved[5]
                 n, r, q_in = cc.shape
                 cv = cc.view(n * r, q_in)
                 tokens = g.shape[0]
                 if ctx.residual and ctx.fused:
-                    gx = torch.addmm(g.view(tokens * n, q_in), gz, cv)  # g + gz @ C: (T * n_j, q_in)
+                    gx = torch.addmm(_flat(g, tokens * n, q_in), gz, cv)  # g + gz @ C: (T * n_j, q_in)
                 else:
                     gx = torch.mm(gz, cv)
                     if ctx.residual:  # the identity path keeps the input's dtype
-                        gx = grad.view(tokens * n, q_in) + gx.to(grad.dtype)
+                        gx = _flat(grad, tokens * n, q_in) + gx.to(grad.dtype)
                 gx = _cast(gx.view(tokens, n * q_in), ctx.x_dtype)
-        return gx, ga, gb, gc, (grad if need_base else None), None, None, None, None
+        return gx, gm, gb, gc, (grad if need_base else None), None, None, None, None, None
 
 
 class _FactoredLinear(torch.autograd.Function):
@@ -306,18 +428,21 @@ class _FactoredLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x2, weight, bias, A, B, C, scale, sequential, dtype):  # noqa: D102
+    def forward(ctx, x2, weight, bias, m, bt, C, scale, sequential, dtype, rule_grad):  # noqa: D102
         with _no_autocast(x2.device.type):
             xc, cc, wc, bc = _cast(x2, dtype), _cast(C, dtype), _cast(weight, dtype), _cast(bias, dtype)
-            blocks, z = _down(xc, cc)
-            bft = _fold_into(A, B, dtype)
+            btc = _flat(_cast(bt, dtype), *bt.shape)
+            n, r, q_out = bt.shape
+            tokens = x2.shape[0]
+            blocks, z, u = _down_mix(xc, cc, m, scale)
+            u_blocks, b_mat = u.view(tokens * n, n * r), btc.view(n * r, q_out)
             if sequential:
-                h = torch.addmm(xc, z, bft, alpha=scale)  # x + s dW x: (T, d_in)
-                out = nn_linear(h, wc, bc)  # (T, d_out)
+                h = torch.addmm(blocks, u_blocks, b_mat)  # x + s dW x: (T * n, q_in)
+                out = nn_linear(h.view(tokens, n * q_out), wc, bc)  # (T, d_out)
             else:
                 out = nn_linear(xc, wc, bc)
-                out.addmm_(z, bft, alpha=scale)  # a fresh tensor of this function's own: updated in place
-        _save(ctx, (blocks, z, bft, A, B, cc, wc), A, B, C, scale, dtype, x2.dtype)
+                out.view(tokens * n, -1).addmm_(u_blocks, b_mat)  # a fresh tensor of this function's own: updated in place
+        _save(ctx, (blocks, z, u, m, btc, cc, wc), bt, C, scale, dtype, x2.dtype, rule_grad)
         ctx.sequential = sequential
         return out
 
@@ -333,19 +458,36 @@ class _FactoredLinear(torch.autograd.Function):
             n, r, q_in = cc.shape
             tokens = g.shape[0]
             g_in = torch.mm(g, wc) if (need_x or ctx.sequential) else None  # gradient at the linear's input
-            gz, ga, gb, gc = _factor_grads(ctx, saved, g_in if ctx.sequential else g, need_x)
+            gz, gm, gb, gc = _factor_grads(ctx, saved, g_in if ctx.sequential else g, need_x)
             if need_x:
                 gx = g_in.view(tokens * n, q_in).addmm_(gz, cc.view(n * r, q_in))  # both paths, in place
                 gx = _cast(gx.view(tokens, n * q_in), ctx.x_dtype)
-        return gx, None, None, ga, gb, gc, None, None, None
+        return gx, None, None, gm, gb, gc, None, None, None, None
+
+
+def compute_dtype(x: torch.Tensor, B: torch.Tensor) -> torch.dtype:
+    """The dtype the factored path computes in: the autocast dtype when autocast is on for ``x``'s device, else ``B``'s."""
+    return _compute_dtype(x, B)[0]
 
 
 def _compute_dtype(x: torch.Tensor, B: torch.Tensor) -> tuple[torch.dtype, bool]:
-    """``(compute dtype, autocast on)``: the autocast dtype when autocast is on for ``x``'s device, else ``B``'s."""
+    """``(compute dtype, autocast on)``."""
     device = x.device.type
     if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device), True
     return B.dtype, False
+
+
+def _mix_for(A: torch.Tensor, r: int, dtype: torch.dtype, mix: Optional[RuleMix]) -> RuleMix:
+    if mix is None:
+        return rule_mix(A, r, dtype)
+    k = A.shape[0] ** 2 * r
+    if mix.matrix.shape != (k, k) or mix.matrix.dtype != dtype:
+        raise ValueError(
+            f"mix holds a {tuple(mix.matrix.shape)} {mix.matrix.dtype} matrix; these factors need "
+            f"rule_mix(A, r={r}, dtype={dtype}), ({k}, {k})"
+        )
+    return mix
 
 
 def apply(
@@ -356,14 +498,16 @@ def apply(
     scale: float = 1.0,
     base: Optional[torch.Tensor] = None,
     residual: bool = False,
+    mix: Optional[RuleMix] = None,
 ) -> torch.Tensor:
     """Compute ``x @ dW.T`` without building ``dW`` (plus ``base``, or plus ``x``).
 
-    Two token-sized matmuls around the fold (module docstring):
-    ``tokens * n * r * (d_in + n * d_out)`` multiply-adds, three operators
-    forward and about seven backward, whatever ``n`` and ``r``. ``base`` (a
-    parallel adapter's base-layer output) or ``x`` itself (``residual``, a
-    sequential adapter's ``x + s dW x``) is added inside the last matmul.
+    Three token-sized matmuls (the comment above the factored path):
+    ``tokens * (n * r * (d_in + d_out) + (n * n * r) ** 2)`` multiply-adds,
+    three kernels forward and five or six backward, whatever ``n`` and ``r``.
+    ``base`` (a parallel adapter's base-layer output) or ``x`` itself
+    (``residual``, a sequential adapter's ``x + s dW x``) is added inside the
+    last matmul.
 
     Under autocast the matmuls run in the autocast dtype; otherwise in the
     factors' dtype, ``x`` cast to it and the result cast back.
@@ -371,11 +515,15 @@ def apply(
     Args:
         x: Inputs, ``(..., d_in)``; any number of leading batch dimensions.
         A: Rule matrices, ``(n, n, n)``.
-        B: Up factors, ``(n, d_out / n, r)``.
+        B: Up factors, ``(n, d_out / n, r)``, any strides (fastest as a
+            transposed view of a contiguous ``(n, r, d_out / n)`` tensor, as
+            the layers store it).
         C: Down factors, ``(n, r, d_in / n)``.
         scale: Scalar multiplier ``s``.
         base: ``(..., d_out)`` to add the update to, or ``None``.
         residual: Return ``x + s dW x`` (needs ``d_out == d_in``; excludes ``base``).
+        mix: ``rule_mix(A, r, compute dtype)`` to share between calls (built
+            here when ``None``).
 
     Returns:
         ``(..., d_out)``: ``x @ delta_weight(A, B, C, scale).T`` (+ ``base`` or ``x``),
@@ -391,7 +539,8 @@ def apply(
     x2 = _flat(x, -1, d_in)  # (T, d_in)
     base2 = None if base is None else _flat(base, -1, d_out)  # (T, d_out)
     dtype, autocast = _compute_dtype(x, B)
-    out = _FactoredDelta.apply(x2, A, B, C, base2, float(scale), residual, dtype, autocast)
+    mix = _mix_for(A, r, dtype, mix)
+    out = _FactoredDelta.apply(x2, mix.matrix, B.transpose(1, 2), C, base2, float(scale), residual, dtype, autocast, mix.grad)
     if base is None and not residual and out.dtype != x.dtype and not autocast:
         out = out.to(x.dtype)  # no autocast: back to the input's dtype
     return out.view(*lead, d_out)
@@ -406,6 +555,7 @@ def linear(
     C: torch.Tensor,
     scale: float = 1.0,
     mode: str = "parallel",
+    mix: Optional[RuleMix] = None,
 ) -> torch.Tensor:
     """A frozen linear layer with its adapter, factored: what an adapted ``nn.Linear`` computes while training.
 
@@ -419,10 +569,11 @@ def linear(
         weight: The frozen weight, ``(d_out, d_in)`` (``requires_grad=False``).
         bias: The frozen bias, ``(d_out,)``, or ``None``.
         A: Rule matrices, ``(n, n, n)``.
-        B: Up factors: ``(n, d_out / n, r)`` parallel, ``(n, d_in / n, r)`` sequential.
+        B: Up factors: ``(n, d_out / n, r)`` parallel, ``(n, d_in / n, r)`` sequential (any strides, as in :func:`apply`).
         C: Down factors, ``(n, r, d_in / n)``.
         scale: Scalar multiplier ``s``.
         mode: ``"parallel"`` or ``"sequential"``.
+        mix: ``rule_mix(A, r, compute dtype)`` to share between calls (built here when ``None``).
 
     Returns:
         ``(..., d_out)`` in the compute dtype (the autocast dtype, else the factors').
@@ -439,7 +590,11 @@ def linear(
         raise ValueError("functional.linear needs a frozen weight and bias; use apply() around the layer instead")
     lead = x.shape[:-1]
     dtype, _ = _compute_dtype(x, B)
-    out = _FactoredLinear.apply(_flat(x, -1, d_in), weight, bias, A, B, C, float(scale), mode == "sequential", dtype)
+    mix = _mix_for(A, r, dtype, mix)
+    sequential = mode == "sequential"
+    out = _FactoredLinear.apply(
+        _flat(x, -1, d_in), weight, bias, mix.matrix, B.transpose(1, 2), C, float(scale), sequential, dtype, mix.grad
+    )
     return out.view(*lead, d_out_w)
 
 
@@ -633,10 +788,11 @@ def rule_parameters(n: int, layers: int = 1, share_rules: bool = True) -> int:
 def factored_flops(tokens: int, d_in: int, d_out: int, n: int, r: int, needs_grad: bool = False) -> int:
     """Multiply-adds that :func:`apply` adds to a layer call of ``tokens`` rows.
 
-    ``tokens * n * r * (d_in + n * d_out)``; with gradients the backward pass
+    ``tokens * (n * r * (d_in + d_out) + (n * n * r) ** 2)``: the down and up
+    projections and the rules' mixing matrix; with gradients the backward pass
     costs about twice the forward.
     """
-    forward = tokens * n * r * (d_in + n * d_out)
+    forward = tokens * (n * r * (d_in + d_out) + (n * n * r) ** 2)
     return 3 * forward if needs_grad else forward
 
 

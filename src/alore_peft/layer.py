@@ -11,7 +11,7 @@ cache. A subclass says only what it wraps:
 
 Forward paths (``compute_path``):
 
-- **factored**: ``dW`` is never built; two token-sized matmuls per adapter
+- **factored**: ``dW`` is never built; three token-sized matmuls per adapter
   (:func:`alore_peft.functional.apply`). What training uses on linear layers
   and blocks.
 - **fold**: the consumers run once with ``W (I + sum S) + sum P``
@@ -27,8 +27,9 @@ Forward paths (``compute_path``):
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
@@ -37,7 +38,67 @@ from torch import nn
 from . import functional
 from .config import AloreConfig
 
-__all__ = ["AloreLayer", "Linear", "Conv2d", "LAYER_TYPES"]
+__all__ = ["AloreLayer", "Linear", "Conv2d", "LAYER_TYPES", "RuleMixes"]
+
+
+class RuleMixes:
+    """Every adapter's :class:`~alore_peft.functional.RuleMix`, built once per model forward.
+
+    The tuner holds one and opens :meth:`scope` around each forward of the
+    model; inside it, every layer call of one adapter (same rules, rank, dtype,
+    device and grad mode) shares one mixing matrix and one rule-gradient
+    buffer. Outside a scope (a layer called on its own, or recomputed by
+    gradient checkpointing after the forward) each call builds its own: the
+    same values, two more operators. Nothing outlives the scope, so a cached
+    mix never sees rules that changed since.
+    """
+
+    def __init__(self) -> None:
+        self._depth = 0
+        self._built: dict[tuple, functional.RuleMix] = {}
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        """Share each adapter's mix between the calls made inside (re-entrant)."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if not self._depth:
+                self._built = {}
+
+    def get(self, A: torch.Tensor, r: int, dtype: torch.dtype) -> functional.RuleMix:
+        """The mix of rules ``A`` for rank ``r`` in ``dtype``: shared inside a scope, else new."""
+        if not self._depth or torch.compiler.is_compiling():
+            return functional.rule_mix(A, r, dtype)
+        key = (id(A), r, dtype, A.device, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        mix = self._built.get(key)
+        if mix is None:
+            mix = self._built[key] = functional.rule_mix(A, r, dtype)
+        return mix
+
+    def __getstate__(self) -> dict:
+        return {"_depth": 0, "_built": {}}  # a copy or a pickle starts outside any forward
+
+    def __deepcopy__(self, memo: dict) -> "RuleMixes":
+        return RuleMixes()
+
+
+def _b_to_file_layout(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict hook of ``alore_B``: write each ``B`` as ``(n, d_out / n, r)``, the file layout, whatever its storage."""
+    for name in module._parameters:
+        key = prefix + name
+        if key in state_dict:
+            state_dict[key] = state_dict[key].transpose(1, 2)
+
+
+def _b_from_file_layout(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Load pre-hook of ``alore_B``: a file's ``(n, d_out / n, r)`` to the stored ``(n, r, d_out / n)``."""
+    for key in [k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]]:
+        value = state_dict[key]
+        if isinstance(value, torch.Tensor) and value.dim() == 3:
+            state_dict[key] = value.transpose(1, 2).contiguous()
 
 
 class AloreLayer(BaseTunerLayer):
@@ -54,7 +115,12 @@ class AloreLayer(BaseTunerLayer):
     _feature_dim: int = -1
     modes: tuple[str, ...] = ("sequential", "parallel")
 
-    def __init__(self, base_layer: nn.Module, shared_rules: Optional[nn.ParameterDict] = None) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        shared_rules: Optional[nn.ParameterDict] = None,
+        rule_mixes: Optional[RuleMixes] = None,
+    ) -> None:
         self.base_layer = base_layer
         self.r: dict[str, int] = {}
         self.num_experts: dict[str, int] = {}
@@ -64,11 +130,16 @@ class AloreLayer(BaseTunerLayer):
         self.compute_path: dict[str, str] = {}
         self.alore_dropout = nn.ModuleDict({})
         self.alore_A = nn.ParameterDict({})  # (n, n, n) per adapter, only when rules are not shared
-        self.alore_B = nn.ParameterDict({})  # (n, d_out / n, r)
+        # B stored as (n, r, d_out / n), each expert's B[i] transposed: the factored path's up matmul and
+        # gradient read it as one (n r, d_out / n) matrix. factors() and the state dict show (n, d_out / n, r).
+        self.alore_B = nn.ParameterDict({})
+        self.alore_B._register_state_dict_hook(_b_to_file_layout)
+        self.alore_B.register_load_state_dict_pre_hook(_b_from_file_layout)
         self.alore_C = nn.ParameterDict({})  # (n, r, d_in / n)
         # The tuner's rule matrices: a plain reference, not a submodule, so the
         # state dict holds them once (on the tuner) however many layers use them.
         self.__dict__["_shared_rules"] = shared_rules
+        self.__dict__["_rule_mixes"] = rule_mixes if rule_mixes is not None else RuleMixes()
         self.__dict__["_fold_cache"] = None  # (key, {consumer name: folded weight})
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -150,7 +221,7 @@ class AloreLayer(BaseTunerLayer):
         else:
             b_bound = 1.0 / math.sqrt(n * r)
             b = torch.empty(n, q_out, r).uniform_(-b_bound, b_bound)
-        self.alore_B[adapter_name] = nn.Parameter(b)
+        self.alore_B[adapter_name] = nn.Parameter(b.transpose(1, 2).contiguous())  # stored (n, r, q_out)
         if not config.share_rules:
             self.alore_A[adapter_name] = nn.Parameter(functional.init_rules(n, config.rule_init))
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -165,8 +236,13 @@ class AloreLayer(BaseTunerLayer):
         return self._shared_rules[adapter_name]
 
     def factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(A, B, C)`` of ``adapter_name``."""
-        return self.rules(adapter_name), self.alore_B[adapter_name], self.alore_C[adapter_name]
+        """``(A, B, C)`` of ``adapter_name``: ``(n, n, n)``, ``(n, d_out / n, r)`` (a view of the stored ``B``), ``(n, r, d_in / n)``."""
+        return self.rules(adapter_name), self.alore_B[adapter_name].transpose(1, 2), self.alore_C[adapter_name]
+
+    def _mix(self, adapter_name: str, x: torch.Tensor) -> functional.RuleMix:
+        """The adapter's rules as a mixing matrix for a call on ``x`` (shared by the calls of one model forward)."""
+        B = self.alore_B[adapter_name]
+        return self._rule_mixes.get(self.rules(adapter_name), self.r[adapter_name], functional.compute_dtype(x, B))
 
     def _factors_and_scale(self, adapter_name: str) -> functional.Factors:
         A, B, C = self.factors(adapter_name)
@@ -338,7 +414,7 @@ class AloreLayer(BaseTunerLayer):
     def _cache_key(self, active: list[str]) -> tuple:
         tensors = [p for _, p in self.consumer_weights()]
         for a in active:
-            tensors.extend(self.factors(a))
+            tensors.extend((self.rules(a), self.alore_B[a], self.alore_C[a]))  # the stored tensors, not views
         return (
             tuple(active),
             tuple(self.scaling[a] for a in active),
@@ -383,7 +459,8 @@ class AloreLayer(BaseTunerLayer):
         if axis != -1:
             h = h.movedim(axis, -1)  # (..., features)
             base = None if base is None else base.movedim(axis, -1)
-        out = functional.apply(h, A, B, C, self.scaling[name], base=base, residual=residual)
+        mix = self._mix(name, h)
+        out = functional.apply(h, A, B, C, self.scaling[name], base=base, residual=residual, mix=mix)
         if axis == -1:
             return out
         # Back to the input's layout: the wrapped convolution then runs as it would on its own input.
@@ -454,9 +531,10 @@ class Linear(nn.Module, AloreLayer):
         config: AloreConfig,
         shared_rules: Optional[nn.ParameterDict] = None,
         module_name: str = "",
+        rule_mixes: Optional[RuleMixes] = None,
     ) -> None:
         super().__init__()
-        AloreLayer.__init__(self, base_layer, shared_rules)
+        AloreLayer.__init__(self, base_layer, shared_rules, rule_mixes)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, module_name)
 
@@ -485,7 +563,7 @@ class Linear(nn.Module, AloreLayer):
             autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
             if frozen and (autocast or base.weight.dtype == B.dtype == x.dtype):
                 scale, mode = self.scaling[active[0]], self.mode[active[0]]
-                return functional.linear(x, base.weight, base.bias, A, B, C, scale, mode)
+                return functional.linear(x, base.weight, base.bias, A, B, C, scale, mode, self._mix(active[0], x))
         return super()._factored(active, x, key, args, kwargs)
 
     # nn.Module comes first in the MRO, so its placeholders must be pointed at AloreLayer's.
@@ -521,10 +599,11 @@ class Conv2d(nn.Module, AloreLayer):
         config: AloreConfig,
         shared_rules: Optional[nn.ParameterDict] = None,
         module_name: str = "",
+        rule_mixes: Optional[RuleMixes] = None,
     ) -> None:
         check_conv(base_layer, module_name)
         super().__init__()
-        AloreLayer.__init__(self, base_layer, shared_rules)
+        AloreLayer.__init__(self, base_layer, shared_rules, rule_mixes)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, module_name)
 

@@ -16,8 +16,9 @@ Every call that changes the user's model is all or nothing:
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -26,7 +27,7 @@ from torch import nn
 from . import functional
 from .block import AloreBlock, check_block_mode, probe_block
 from .config import AloreConfig
-from .layer import AloreLayer, Conv2d, Linear, check_conv, check_divisible
+from .layer import AloreLayer, Conv2d, Linear, RuleMixes, check_conv, check_divisible
 from .placement import PlacementError, find_placement
 from .presets import DEFAULT_TARGET_MODULES, default_targets, missing_targets_message
 from .trace import ContainerProbe
@@ -60,6 +61,24 @@ class AloreModel(BaseTuner):
 
     def _pre_injection_hook(self, model: nn.Module, config: AloreConfig, adapter_name: str) -> None:
         self.alore_rules = nn.ParameterDict({})  # adapter name -> (n, n, n)
+        if "_rule_mixes" not in self.__dict__:
+            self.__dict__["_rule_mixes"] = RuleMixes()  # shared with every layer; see forward
+
+    # -- forward: every adapter's rules mixed once per model forward ------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return self.model.forward(*args, **kwargs)
+        with self._rule_mixes.scope():
+            return self.model.forward(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """What ``PeftModel.forward`` and ``generate`` run inside: one rule mix per adapter for the whole call."""
+        if torch.compiler.is_compiling():
+            yield
+            return
+        with self._rule_mixes.scope():
+            yield
 
     def _prepare_adapter_config(self, peft_config: AloreConfig, model_config: dict) -> AloreConfig:
         """With ``target_modules=None``: the paper's placement, traced from the model (:mod:`alore_peft.placement`).
@@ -190,10 +209,14 @@ class AloreModel(BaseTuner):
         layer_cls = _layer_class(target)
         if layer_cls is None:
             new_module = AloreBlock(
-                target, adapter_name, config, self.alore_rules, module_name=current_key, probed=probed
+                target, adapter_name, config, self.alore_rules, module_name=current_key, probed=probed,
+                rule_mixes=self._rule_mixes,
             )
         else:
-            new_module = layer_cls(target, adapter_name, config, shared_rules=self.alore_rules, module_name=current_key)
+            new_module = layer_cls(
+                target, adapter_name, config, shared_rules=self.alore_rules, module_name=current_key,
+                rule_mixes=self._rule_mixes,
+            )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
