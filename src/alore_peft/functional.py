@@ -60,7 +60,9 @@ __all__ = [
     "mix_matrix",
     "compute_dtype",
     "apply",
+    "apply_stored",
     "linear",
+    "linear_stored",
     "folded_weight",
     "reference_delta_weight",
     "merge_weight",
@@ -535,15 +537,33 @@ def apply(
         raise ValueError(f"x has {x.shape[-1]} features on its last axis; the factors expect d_in={d_in}")
     if residual and (base is not None or d_out != d_in):
         raise ValueError("residual=True needs a square update (d_out == d_in) and no base")
-    lead = x.shape[:-1]
-    x2 = _flat(x, -1, d_in)  # (T, d_in)
+    dtype = compute_dtype(x, B)
+    return apply_stored(x, _mix_for(A, r, dtype, mix), B.transpose(1, 2), C, scale, base, residual)
+
+
+def apply_stored(
+    x: torch.Tensor,
+    mix: RuleMix,
+    Bt: torch.Tensor,
+    C: torch.Tensor,
+    scale: float = 1.0,
+    base: Optional[torch.Tensor] = None,
+    residual: bool = False,
+) -> torch.Tensor:
+    """:func:`apply` for checked arguments in the layers' layout: ``Bt`` is ``B`` as ``(n, r, d_out / n)``.
+
+    What the layers call: no argument checks, ``Bt`` handed over as stored
+    (no view of it in the autograd graph), ``mix`` already built for the
+    compute dtype.
+    """
+    d_out = Bt.shape[0] * Bt.shape[2]
+    x2 = _flat(x, -1, x.shape[-1])  # (T, d_in)
     base2 = None if base is None else _flat(base, -1, d_out)  # (T, d_out)
-    dtype, autocast = _compute_dtype(x, B)
-    mix = _mix_for(A, r, dtype, mix)
-    out = _FactoredDelta.apply(x2, mix.matrix, B.transpose(1, 2), C, base2, float(scale), residual, dtype, autocast, mix.grad)
+    dtype, autocast = _compute_dtype(x, Bt)
+    out = _FactoredDelta.apply(x2, mix.matrix, Bt, C, base2, float(scale), residual, dtype, autocast, mix.grad)
     if base is None and not residual and out.dtype != x.dtype and not autocast:
         out = out.to(x.dtype)  # no autocast: back to the input's dtype
-    return out.view(*lead, d_out)
+    return out.view(*x.shape[:-1], d_out)
 
 
 def linear(
@@ -588,14 +608,27 @@ def linear(
         )
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("functional.linear needs a frozen weight and bias; use apply() around the layer instead")
-    lead = x.shape[:-1]
-    dtype, _ = _compute_dtype(x, B)
-    mix = _mix_for(A, r, dtype, mix)
-    sequential = mode == "sequential"
+    mix = _mix_for(A, r, compute_dtype(x, B), mix)
+    return linear_stored(x, weight, bias, mix, B.transpose(1, 2), C, scale, mode == "sequential")
+
+
+def linear_stored(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    mix: RuleMix,
+    Bt: torch.Tensor,
+    C: torch.Tensor,
+    scale: float,
+    sequential: bool,
+) -> torch.Tensor:
+    """:func:`linear` for checked arguments in the layers' layout (``Bt``: ``(n, r, d_out / n)``; see :func:`apply_stored`)."""
+    d_out_w, d_in = weight.shape
+    dtype = compute_dtype(x, Bt)
     out = _FactoredLinear.apply(
-        _flat(x, -1, d_in), weight, bias, mix.matrix, B.transpose(1, 2), C, float(scale), sequential, dtype, mix.grad
+        _flat(x, -1, d_in), weight, bias, mix.matrix, Bt, C, float(scale), sequential, dtype, mix.grad
     )
-    return out.view(*lead, d_out_w)
+    return out.view(*x.shape[:-1], d_out_w)
 
 
 # -- folding into weights ---------------------------------------------------------

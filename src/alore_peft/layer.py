@@ -239,10 +239,9 @@ class AloreLayer(BaseTunerLayer):
         """``(A, B, C)`` of ``adapter_name``: ``(n, n, n)``, ``(n, d_out / n, r)`` (a view of the stored ``B``), ``(n, r, d_in / n)``."""
         return self.rules(adapter_name), self.alore_B[adapter_name].transpose(1, 2), self.alore_C[adapter_name]
 
-    def _mix(self, adapter_name: str, x: torch.Tensor) -> functional.RuleMix:
+    def _mix(self, adapter_name: str, x: torch.Tensor, Bt: torch.Tensor) -> functional.RuleMix:
         """The adapter's rules as a mixing matrix for a call on ``x`` (shared by the calls of one model forward)."""
-        B = self.alore_B[adapter_name]
-        return self._rule_mixes.get(self.rules(adapter_name), self.r[adapter_name], functional.compute_dtype(x, B))
+        return self._rule_mixes.get(self.rules(adapter_name), self.r[adapter_name], functional.compute_dtype(x, Bt))
 
     def _factors_and_scale(self, adapter_name: str) -> functional.Factors:
         A, B, C = self.factors(adapter_name)
@@ -394,7 +393,7 @@ class AloreLayer(BaseTunerLayer):
     def _adapter_needs_grad(self, active: list[str]) -> bool:
         if not torch.is_grad_enabled():
             return False
-        return any(t.requires_grad for a in active for t in self.factors(a))
+        return any(t.requires_grad for a in active for t in (self.rules(a), self.alore_B[a], self.alore_C[a]))
 
     def _use_fold(self, active: list[str], x: torch.Tensor) -> bool:
         """Fold the adapters into the weights for this call, or run the factored path."""
@@ -448,7 +447,7 @@ class AloreLayer(BaseTunerLayer):
         base: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """``base + s dW drop(x)`` along the feature axis (``x + s dW x`` when ``base`` is ``None``)."""
-        A, B, C = self.factors(name)
+        Bt, C = self.alore_B[name], self.alore_C[name]  # B as stored, (n, r, d_out / n)
         dropout = self.alore_dropout[name]
         dropped = not isinstance(dropout, nn.Identity) and self.training
         h = dropout(x) if dropped else x
@@ -459,8 +458,8 @@ class AloreLayer(BaseTunerLayer):
         if axis != -1:
             h = h.movedim(axis, -1)  # (..., features)
             base = None if base is None else base.movedim(axis, -1)
-        mix = self._mix(name, h)
-        out = functional.apply(h, A, B, C, self.scaling[name], base=base, residual=residual, mix=mix)
+        mix = self._mix(name, h, Bt)
+        out = functional.apply_stored(h, mix, Bt, C, self.scaling[name], base=base, residual=residual)
         if axis == -1:
             return out
         # Back to the input's layout: the wrapped convolution then runs as it would on its own input.
@@ -558,12 +557,14 @@ class Linear(nn.Module, AloreLayer):
         base = self.get_base_layer()
         if len(active) == 1 and type(base) is nn.Linear and not self._dropout_active(active):
             frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
-            A, B, C = self.factors(active[0])
+            name = active[0]
+            Bt, C = self.alore_B[name], self.alore_C[name]  # B as stored, (n, r, d_out / n)
             device = x.device.type
             autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-            if frozen and (autocast or base.weight.dtype == B.dtype == x.dtype):
-                scale, mode = self.scaling[active[0]], self.mode[active[0]]
-                return functional.linear(x, base.weight, base.bias, A, B, C, scale, mode, self._mix(active[0], x))
+            if frozen and (autocast or base.weight.dtype == Bt.dtype == x.dtype):
+                sequential = self.mode[name] == "sequential"
+                mix = self._mix(name, x, Bt)
+                return functional.linear_stored(x, base.weight, base.bias, mix, Bt, C, self.scaling[name], sequential)
         return super()._factored(active, x, key, args, kwargs)
 
     # nn.Module comes first in the MRO, so its placeholders must be pointed at AloreLayer's.
