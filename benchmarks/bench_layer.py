@@ -265,8 +265,8 @@ def markdown(report: dict) -> str:
         f"{meta['mlp']}); r={meta['r']}, n={meta['n']}; {meta['tokens']} tokens per call; {meta['reps']} "
         "interleaved repetitions.",
         "- Times in ms: wall-clock median [quartiles] / CPU-time median; ratios are medians of per-repetition "
-        "ratios, wall / CPU. Operators: the adapter's share of one training call, ATen operators with the "
-        "kernel-launching ones in brackets (`benchmarks/opcount.py`), beside the LoRA on the same layer.",
+        "ratios, wall / CPU. Operators: what each adapted layer adds to one training call, ATen operators with "
+        "the kernel-launching ones in brackets (`benchmarks/opcount.py`), beside the LoRA on the same layer.",
         "",
         "| variant | train (fwd+bwd) | x LoRA | infer | x base | ops, float32 | LoRA's | ops, bf16 autocast | LoRA's |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -287,7 +287,17 @@ def markdown(report: dict) -> str:
             f"| {_ratio(inf, n, 'base')} | {ops(f32.get(n))} | {ops(f32.get(lora)) if lora else '-'} "
             f"| {ops(amp.get(n))} | {ops(amp.get(lora)) if lora else '-'} |"
         )
-    lines += ["", f"Merged vs unmerged outputs agree to {report['max_abs_diff_merged']:.1e} (max abs difference).", ""]
+    alone = ", ".join(
+        f"{n} {ops(f32[n].get('alone'))} / {ops(amp[n].get('alone'))}" for n in f32 if "alone" in f32[n]
+    )
+    lines += [
+        "",
+        "Operators are per adapted layer: what a second adapted block adds. With one adapted layer only "
+        f"(float32 / bf16 autocast), which also holds what an adapter runs once per model forward: {alone}.",
+        "",
+        f"Merged vs unmerged outputs agree to {report['max_abs_diff_merged']:.1e} (max abs difference).",
+        "",
+    ]
     return "\n".join(lines)
 
 

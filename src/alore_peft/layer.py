@@ -393,7 +393,8 @@ class AloreLayer(BaseTunerLayer):
     def _adapter_needs_grad(self, active: list[str]) -> bool:
         if not torch.is_grad_enabled():
             return False
-        return any(t.requires_grad for a in active for t in (self.rules(a), self.alore_B[a], self.alore_C[a]))
+        factors_b, factors_c = self.alore_B, self.alore_C
+        return any(factors_b[a].requires_grad or factors_c[a].requires_grad or self.rules(a).requires_grad for a in active)
 
     def _use_fold(self, active: list[str], x: torch.Tensor) -> bool:
         """Fold the adapters into the weights for this call, or run the factored path."""
@@ -554,7 +555,7 @@ class Linear(nn.Module, AloreLayer):
 
     def _factored(self, active: list[str], x: torch.Tensor, key: Optional[str], args: tuple, kwargs: dict) -> Any:
         # One adapter on a frozen nn.Linear: the layer and its adapter in one function (fewer operators).
-        base = self.get_base_layer()
+        base = self.base_layer
         if len(active) == 1 and type(base) is nn.Linear and not self._dropout_active(active):
             frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
             name = active[0]
