@@ -141,11 +141,12 @@ def infer_call(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 def adapter_ops(name: str, d: int = 64, mlp: int = 128, tokens: int = 8, autocast: bool = False) -> dict:
     """Operators variant ``name``'s adapter adds to one training call, per adapted layer and for one layer alone.
 
-    ``aten_ops``/``kernel_ops``: what each adapted layer adds (a model with
-    two adapted blocks minus one with one; the frozen modules' own
-    subtracted). ``alone``: the same for a model with one adapted layer, which
-    also holds what an adapter runs once per model forward whatever its number
-    of layers (ALoRE's shared rules: their mixing matrix and its gradient).
+    ``aten_ops``/``kernel_ops``: what each further adapted layer adds (a
+    model with three adapted blocks minus one with two; the frozen modules'
+    own subtracted). ``alone``: the same for a model with one adapted layer,
+    which also holds what an adapter runs once per step whatever its number of
+    layers (ALoRE's shared rules: their mixing matrix, and their gradient from
+    every layer's products in one matmul, joined from the second layer on).
     """
 
     def share(blocks: int) -> tuple[int, int]:
@@ -154,10 +155,10 @@ def adapter_ops(name: str, d: int = 64, mlp: int = 128, tokens: int = 8, autocas
         adapted = count_ops(train_call(build(name, d, mlp, blocks=blocks), x, autocast))
         return adapted.aten - base.aten, adapted.kernels - base.kernels
 
-    one, two = share(1), share(2)
+    one, two, three = share(1), share(2), share(3)
     return {
-        "aten_ops": two[0] - one[0],
-        "kernel_ops": two[1] - one[1],
+        "aten_ops": three[0] - two[0],
+        "kernel_ops": three[1] - two[1],
         "alone": {"aten_ops": one[0], "kernel_ops": one[1]},
     }
 
@@ -292,7 +293,7 @@ def markdown(report: dict) -> str:
     )
     lines += [
         "",
-        "Operators are per adapted layer: what a second adapted block adds. With one adapted layer only "
+        "Operators are per adapted layer: what a third adapted block adds to two. With one adapted layer only "
         f"(float32 / bf16 autocast), which also holds what an adapter runs once per model forward: {alone}.",
         "",
         f"Merged vs unmerged outputs agree to {report['max_abs_diff_merged']:.1e} (max abs difference).",

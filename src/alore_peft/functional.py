@@ -171,9 +171,9 @@ def reference_delta_weight(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, sc
 #
 # ``M`` (:func:`mix_matrix`, ``(n^2 r, n^2 r)``) depends on the rules alone, so
 # an adapter whose layers share their rules builds it once per model forward
-# (:class:`RuleMix`), and the layers' gradients of ``M`` collect in one buffer,
-# updated in place and turned into the rules' gradient once per backward pass.
-# Per layer: three matmuls forward, six backward, ``T (n r (d_in + d_out) +
+# (:class:`RuleMix`), and the rules' gradient is one matmul over every layer's
+# ``z`` and ``u`` gradient, once per backward pass (:class:`_RuleGrad`).
+# Per layer: three matmuls forward, five backward, ``T (n r (d_in + d_out) +
 # (n^2 r)^2)`` multiply-adds forward. The up matmul reads ``B`` as ``(n r,
 # d_out / n)``: the layers store ``B`` as ``(n, r, d_out / n)`` (``B[i]``
 # transposed), and its gradient comes out of one matmul in that layout.
@@ -239,31 +239,41 @@ def _mix_views(m: torch.Tensor, n: int, r: int) -> torch.Tensor:
 
 
 class _RuleGrad:
-    """The gradient of one :class:`RuleMix`'s ``M``: every layer that read ``M`` adds its share in place.
+    """The gradient of one :class:`RuleMix`'s ``M``, collected from every layer that read ``M``.
 
-    A backward pass (``torch._C._current_graph_task_id``) starts a fresh sum,
-    so a pass that never reached the rules (``torch.autograd.grad`` of other
-    tensors) leaves nothing behind for the next one. The sum is kept in the
-    rules' dtype (float32 under autocast).
+    ``gM = sum over calls of s z^T gu``. Each layer hands over its ``z`` and
+    ``gu`` (``(T, n^2 r)`` each; ``z`` is kept for its backward anyway) instead
+    of running its own small matmul, and the rules' backward runs one matmul
+    over all of them, so the sum costs the same few operators per step
+    whatever the number of layers. A backward pass
+    (``torch._C._current_graph_task_id``) starts afresh, so a pass that never
+    reached the rules (``torch.autograd.grad`` of other tensors) leaves nothing
+    behind for the next one.
     """
 
-    __slots__ = ("dtype", "total", "task")
+    __slots__ = ("parts", "task")
 
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype, self.total, self.task = dtype, None, None
+    def __init__(self) -> None:
+        self.parts: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        self.task: Optional[int] = None
 
-    def add(self, zt: torch.Tensor, gu: torch.Tensor, scale: float, like: torch.Tensor) -> None:
+    def add(self, z: torch.Tensor, gu: torch.Tensor, scale: float) -> None:
         task = torch._C._current_graph_task_id()
-        if self.total is None or self.task != task:
-            self.total, self.task = _cast(_scaled_mm(zt, gu, scale, like), self.dtype), task
-        elif self.total.dtype == gu.dtype:
-            self.total.addmm_(zt, gu, alpha=scale)
-        else:
-            self.total.add_(_scaled_mm(zt, gu, scale, like))
+        if self.task != task:
+            self.parts, self.task = [], task
+        self.parts.append((z, gu, scale))
 
     def take(self) -> Optional[torch.Tensor]:
-        total = self.total if self.task == torch._C._current_graph_task_id() else None
-        self.total = self.task = None
+        """``sum s z^T gu`` over this pass's calls, ``(n^2 r, n^2 r)``, or ``None``."""
+        parts = self.parts if self.task == torch._C._current_graph_task_id() else []
+        self.parts, self.task = [], None
+        total = None
+        for scale in dict.fromkeys(s for _, _, s in parts):  # one matmul per distinct scale (usually one)
+            group = [(z, gu) for z, gu, s in parts if s == scale]
+            z = group[0][0] if len(group) == 1 else torch.cat([z for z, _ in group])  # (sum T, n^2 r)
+            gu = group[0][1] if len(group) == 1 else torch.cat([gu for _, gu in group])
+            term = _scaled_mm(_t(z), gu, scale, like=z.new_empty(()))  # addmm with beta=0 ignores ``like``
+            total = term if total is None else total + term
         return total
 
 
@@ -278,7 +288,7 @@ def _build_mix(A: torch.Tensor, r: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _MixBuild(torch.autograd.Function):
-    """``M`` from the rules; its backward reads the sum the layers built in place (:class:`_RuleGrad`)."""
+    """``M`` from the rules; its backward sums what its layers handed over (:class:`_RuleGrad`)."""
 
     @staticmethod
     def forward(ctx, A, r, dtype, grad):  # noqa: D102
@@ -320,7 +330,7 @@ def rule_mix(A: torch.Tensor, r: int, dtype: torch.dtype) -> RuleMix:
     if torch.compiler.is_compiling():
         return RuleMix(mix_matrix(A, r, dtype))
     if A.requires_grad and torch.is_grad_enabled():
-        grad = _RuleGrad(A.dtype)
+        grad = _RuleGrad()
         return RuleMix(_MixBuild.apply(A, r, dtype, grad), grad)
     with torch.no_grad():
         return RuleMix(_build_mix(A, r, dtype))
@@ -350,7 +360,7 @@ def _factor_grads(ctx, saved: tuple, g: torch.Tensor, need_gz: bool) -> tuple:
         gu = torch.mm(g_blocks, _t(bt.view(n * r, q_out))).view(tokens, n * n * r)  # (T, (p, i, r))
         if need_m:
             if sink is not None:
-                sink.add(_t(z), gu, scale, like=m)  # in place, shared with every layer that read this M
+                sink.add(z, gu, scale)  # summed with every other layer's in one matmul (the rules' backward)
             else:
                 gm = _scaled_mm(_t(z), gu, scale, like=m)
         if need_gz or need_c:
@@ -506,7 +516,7 @@ def apply(
 
     Three token-sized matmuls (the comment above the factored path):
     ``tokens * (n * r * (d_in + d_out) + (n * n * r) ** 2)`` multiply-adds,
-    three kernels forward and five or six backward, whatever ``n`` and ``r``.
+    three kernels forward and four or five backward, whatever ``n`` and ``r``.
     ``base`` (a parallel adapter's base-layer output) or ``x`` itself
     (``residual``, a sequential adapter's ``x + s dW x``) is added inside the
     last matmul.
