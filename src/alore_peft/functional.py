@@ -311,8 +311,9 @@ class RuleMix:
     """One adapter's rules as the mixing matrix ``M`` (:func:`mix_matrix`), and where its gradient collects.
 
     Built by :func:`rule_mix`. Every layer call that hands the same object to
-    :func:`apply` or :func:`linear` shares one ``M`` and one gradient buffer;
-    the layers do this for every call of one model forward.
+    :func:`apply` or :func:`linear` shares one ``M``, and the rules' gradient
+    from all of them is one matmul in the rules' backward; the layers do this
+    for every call of one model forward.
     """
 
     __slots__ = ("matrix", "grad")
