@@ -116,6 +116,7 @@ def test_frozen_linear_with_adapter_matches_kron(d_out, d_in, n, r, mode, dtype)
 def test_rule_mix_is_the_rules_on_the_rank_space(n, r):
     A = torch.randn(n, n, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     M = functional.rule_mix(A, r, torch.float64).matrix
+    torch.testing.assert_close(functional.rule_mix(A, r, torch.float64, 0.25).matrix, 0.25 * M, rtol=0, atol=0)
     want = torch.zeros(n * n * r, n * n * r, dtype=torch.float64)
     for i, p, j, s in itertools.product(range(n), range(n), range(n), range(r)):
         want[(j * n + i) * r + s, (p * n + i) * r + s] = A[i, p, j]
@@ -124,16 +125,16 @@ def test_rule_mix_is_the_rules_on_the_rank_space(n, r):
     assert functional.rule_mix(A, r, torch.bfloat16).matrix.dtype == torch.bfloat16
 
 
-def _shared_mix_chain(x, A, Bs, Cs, W, mix):
+def _shared_mix_chain(x, A, Bs, Cs, W, mix, scales):
     """Four calls that read one set of rules: parallel and sequential linears, a residual, a parallel apply."""
-    h = functional.linear(x, W, None, A, Bs[0], Cs[0], 0.5, "parallel", mix=mix)
-    h = functional.linear(h, W, None, A, Bs[1], Cs[1], 0.7, "sequential", mix=mix)
-    h = functional.apply(h, A, Bs[2], Cs[2], 1.3, residual=True, mix=mix)
-    return functional.apply(h, A, Bs[3], Cs[3], 0.9, base=h, mix=mix)
+    h = functional.linear(x, W, None, A, Bs[0], Cs[0], scales[0], "parallel", mix=mix)
+    h = functional.linear(h, W, None, A, Bs[1], Cs[1], scales[1], "sequential", mix=mix)
+    h = functional.apply(h, A, Bs[2], Cs[2], scales[2], residual=True, mix=mix)
+    return functional.apply(h, A, Bs[3], Cs[3], scales[3], base=h, mix=mix)
 
 
-def _dense_chain(x, A, Bs, Cs, W):
-    d = [_reference(A, B, C, s) for B, C, s in zip(Bs, Cs, (0.5, 0.7, 1.3, 0.9))]
+def _dense_chain(x, A, Bs, Cs, W, scales):
+    d = [_reference(A, B, C, s) for B, C, s in zip(Bs, Cs, scales)]
     xd, Wd = x.double(), W.double()
     h = xd @ (Wd + d[0]).T
     h = (h + h @ d[1].T) @ Wd.T
@@ -143,8 +144,8 @@ def _dense_chain(x, A, Bs, Cs, W):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_layers_sharing_one_rule_mix_get_the_kron_gradients(dtype):
-    # One mixing matrix for every call, its gradient summed in place: the rules' gradient must be the
-    # sum over all calls, in every backward pass of the graph, whatever ran before.
+    # One scaled mixing matrix for every call, its gradient summed in the rules' backward: the rules'
+    # gradient must be the sum over all calls, in every backward pass of the graph, whatever ran before.
     n, r, d = 4, 2, 16
     g = torch.Generator().manual_seed(3)
     A = torch.randn(n, n, n, generator=g).to(dtype).requires_grad_()
@@ -153,11 +154,12 @@ def test_layers_sharing_one_rule_mix_get_the_kron_gradients(dtype):
     W = (torch.randn(d, d, generator=g) / d**0.5).to(dtype)
     x = torch.randn(2, 3, d, generator=g).to(dtype).requires_grad_()
     tensors = [x, A, *Bs, *Cs]
-    expected = _dense_chain(x, A, Bs, Cs, W)
+    shared = (0.7,) * 4
+    expected = _dense_chain(x, A, Bs, Cs, W, shared)
     grad = torch.randn(expected.shape, generator=g, dtype=torch.float64)
     want = torch.autograd.grad(expected, tensors, grad)
-    mix = functional.rule_mix(A, r, dtype)
-    y = _shared_mix_chain(x, A, Bs, Cs, W, mix)
+    mix = functional.rule_mix(A, r, dtype, 0.7)
+    y = _shared_mix_chain(x, A, Bs, Cs, W, mix, shared)
     assert_close(y, expected, dtype)
     torch.autograd.grad(y, [x], grad.to(dtype), retain_graph=True)  # a pass that never reaches the rules
     for _ in range(2):  # the same graph twice
@@ -165,19 +167,25 @@ def test_layers_sharing_one_rule_mix_get_the_kron_gradients(dtype):
         for got_one, want_one in zip(got, want):
             assert_close(got_one, want_one, dtype)
     assert got[1].stride() == A.stride()  # accumulated without a copy
-    # Built per call instead of shared: the same answer.
-    y_own = _shared_mix_chain(x, A, Bs, Cs, W, None)
+    # Built per call, each call with its own scale: the kron gradients too.
+    own = (0.5, 0.7, 1.3, 0.9)
+    expected = _dense_chain(x, A, Bs, Cs, W, own)
+    y_own = _shared_mix_chain(x, A, Bs, Cs, W, None, own)
+    assert_close(y_own, expected, dtype)
+    want = torch.autograd.grad(expected, tensors, grad)
     for got_one, want_one in zip(torch.autograd.grad(y_own, tensors, grad.to(dtype)), want):
         assert_close(got_one, want_one, dtype)
 
 
-def test_a_mix_of_the_wrong_rank_or_dtype_is_refused():
+def test_a_mix_of_the_wrong_rank_dtype_or_scale_is_refused():
     A, B, C = _factors(8, 8, 2, 3, torch.float32, grad=True)
     x = torch.randn(4, 8)
-    with pytest.raises(ValueError, match=r"rule_mix\(A, r=3, dtype=torch.float32\)"):
+    with pytest.raises(ValueError, match=r"rule_mix\(A, r=3, dtype=torch.float32, scale=1.0\)"):
         functional.apply(x, A, B, C, mix=functional.rule_mix(A, 2, torch.float32))
     with pytest.raises(ValueError, match="torch.bfloat16"):
         functional.apply(x, A, B, C, mix=functional.rule_mix(A, 3, torch.bfloat16))
+    with pytest.raises(ValueError, match=r"scale=0.5\)"):
+        functional.apply(x, A, B, C, 0.5, mix=functional.rule_mix(A, 3, torch.float32, 2.0))
 
 
 def test_frozen_linear_refuses_a_trainable_weight_and_a_wrong_shape():

@@ -45,7 +45,6 @@ three token-sized matmuls with no copy of a per-token tensor between them
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -59,6 +58,7 @@ __all__ = [
     "rule_mix",
     "mix_matrix",
     "compute_dtype",
+    "call_dtype",
     "apply",
     "apply_stored",
     "linear",
@@ -179,34 +179,28 @@ def reference_delta_weight(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, sc
 # transposed), and its gradient comes out of one matmul in that layout.
 
 
-def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float, like: torch.Tensor) -> torch.Tensor:
-    """``scale * a @ b`` in one matmul: ``addmm`` with ``beta=0`` ignores its input ``like`` (any tensor of the result's shape)."""
-    if scale == 1.0:
-        return torch.mm(a, b)
-    return torch.addmm(like, a, b, beta=0, alpha=scale)
-
-
-def _t(m: torch.Tensor) -> torch.Tensor:
-    """``m.t()`` as one dispatched operator in eager mode (``t`` is three: ``t``, ``transpose``, ``as_strided``)."""
-    if torch.compiler.is_compiling():
-        return m.t()
-    return m.as_strided((m.shape[1], m.shape[0]), (m.stride(1), m.stride(0)), m.storage_offset())
-
-
-def _flat(t: torch.Tensor, *shape: int) -> torch.Tensor:
-    """``t`` as a contiguous tensor of ``shape``: a view (one operator) when ``t`` is contiguous, else a copy."""
-    return t.view(*shape) if t.is_contiguous() else t.reshape(*shape).contiguous()
+def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t`` as a contiguous ``(-1, width)`` matrix: one view when ``t`` is contiguous, else a copy."""
+    return t.view(-1, width) if t.is_contiguous() else t.reshape(-1, width).contiguous()
 
 
 def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def _no_autocast(device_type: str):
-    """Autocast switched off inside the factored functions (they pick their dtypes themselves); a no-op when it is off."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (``False`` for devices without autocast, e.g. ``meta``)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * a @ b`` in one matmul (``addmm`` with ``beta=0`` ignores its input)."""
+    if scale == 1.0:
+        return torch.mm(a, b)
+    return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=scale)
 
 
 def mix_matrix(A: torch.Tensor, r: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -241,7 +235,7 @@ def _mix_views(m: torch.Tensor, n: int, r: int) -> torch.Tensor:
 class _RuleGrad:
     """The gradient of one :class:`RuleMix`'s ``M``, collected from every layer that read ``M``.
 
-    ``gM = sum over calls of s z^T gu``. Each layer hands over its ``z`` and
+    ``gM = sum over calls of z^T gu``. Each layer hands over its ``z`` and
     ``gu`` (``(T, n^2 r)`` each; ``z`` is kept for its backward anyway) instead
     of running its own small matmul, and the rules' backward runs one matmul
     over all of them, so the sum costs the same few operators per step
@@ -251,185 +245,213 @@ class _RuleGrad:
     behind for the next one.
     """
 
-    __slots__ = ("parts", "task")
+    __slots__ = ("zs", "gus", "task")
 
     def __init__(self) -> None:
-        self.parts: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        self.zs: list[torch.Tensor] = []
+        self.gus: list[torch.Tensor] = []
         self.task: Optional[int] = None
 
-    def add(self, z: torch.Tensor, gu: torch.Tensor, scale: float) -> None:
+    def add(self, z: torch.Tensor, gu: torch.Tensor) -> None:
         task = torch._C._current_graph_task_id()
         if self.task != task:
-            self.parts, self.task = [], task
-        self.parts.append((z, gu, scale))
+            self.zs, self.gus, self.task = [], [], task
+        self.zs.append(z)
+        self.gus.append(gu)
 
-    def take(self) -> Optional[torch.Tensor]:
-        """``sum s z^T gu`` over this pass's calls, ``(n^2 r, n^2 r)``, or ``None``."""
-        parts = self.parts if self.task == torch._C._current_graph_task_id() else []
-        self.parts, self.task = [], None
-        total = None
-        for scale in dict.fromkeys(s for _, _, s in parts):  # one matmul per distinct scale (usually one)
-            group = [(z, gu) for z, gu, s in parts if s == scale]
-            z = group[0][0] if len(group) == 1 else torch.cat([z for z, _ in group])  # (sum T, n^2 r)
-            gu = group[0][1] if len(group) == 1 else torch.cat([gu for _, gu in group])
-            term = _scaled_mm(_t(z), gu, scale, like=z.new_empty(()))  # addmm with beta=0 ignores ``like``
-            total = term if total is None else total + term
-        return total
+    def take(self, scale: float) -> Optional[torch.Tensor]:
+        """``scale * sum z^T gu`` over this pass's calls, ``(n^2 r, n^2 r)``, or ``None``."""
+        zs, gus = (self.zs, self.gus) if self.task == torch._C._current_graph_task_id() else ([], [])
+        self.zs, self.gus, self.task = [], [], None
+        if not zs:
+            return None
+        z = zs[0] if len(zs) == 1 else torch.cat(zs)  # (sum T, n^2 r)
+        gu = gus[0] if len(gus) == 1 else torch.cat(gus)
+        return _scaled_mm(z.t(), gu, scale)
 
 
-def _build_mix(A: torch.Tensor, r: int, dtype: torch.dtype) -> torch.Tensor:
-    """:func:`mix_matrix` in two operators (eager): zeros, then the rules copied onto their entries."""
+def _build_mix(A: torch.Tensor, r: int, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """``scale *`` :func:`mix_matrix` in two operators (eager): zeros, then the rules written onto their entries."""
     n = A.shape[0]
     k = n * n * r
     m = torch.zeros(k, k, dtype=dtype, device=A.device)
     a_view = A.as_strided((n, n, n, r), (A.stride(0), A.stride(1), A.stride(2), 0), A.storage_offset())
-    _mix_views(m, n, r).copy_(a_view)  # (i, p, j, s)
+    if scale == 1.0:
+        _mix_views(m, n, r).copy_(a_view)  # (i, p, j, s)
+    else:
+        torch.mul(a_view, scale, out=_mix_views(m, n, r))
     return m
 
 
 class _MixBuild(torch.autograd.Function):
-    """``M`` from the rules; its backward sums what its layers handed over (:class:`_RuleGrad`)."""
+    """``scale * M`` from the rules; its backward sums what its layers handed over (:class:`_RuleGrad`)."""
 
     @staticmethod
-    def forward(ctx, A, r, dtype, grad):  # noqa: D102
+    def forward(ctx, A, r, dtype, scale, grad):  # noqa: D102
         ctx.set_materialize_grads(False)
-        ctx.grad, ctx.n, ctx.r, ctx.a_dtype = grad, A.shape[0], r, A.dtype
-        return _build_mix(A, r, dtype)
+        ctx.grad, ctx.n, ctx.r, ctx.scale, ctx.a_dtype = grad, A.shape[0], r, scale, A.dtype
+        return _build_mix(A, r, dtype, scale)
 
     @staticmethod
     def backward(ctx, gm):  # noqa: D102
-        total = ctx.grad.take()
-        if gm is not None:  # a consumer that returned its share instead of adding it in place
-            total = gm if total is None else total + gm
+        total = ctx.grad.take(ctx.scale)  # the gradient at M, the scale applied in the matmul
+        if gm is not None:  # a consumer that returned its share (at scale * M) instead of handing it over
+            total = gm * ctx.scale if total is None else total.add_(gm, alpha=ctx.scale)
         if total is None:
-            return None, None, None, None
-        diag = _mix_views(_flat(total, *total.shape), ctx.n, ctx.r)  # (i, p, j, s)
-        return torch.sum(diag, dim=3, dtype=ctx.a_dtype), None, None, None
+            return None, None, None, None, None
+        diag = _mix_views(total.contiguous(), ctx.n, ctx.r)  # (i, p, j, s)
+        return torch.sum(diag, dim=3, dtype=ctx.a_dtype), None, None, None, None
 
 
 class RuleMix:
-    """One adapter's rules as the mixing matrix ``M`` (:func:`mix_matrix`), and where its gradient collects.
+    """One adapter's rules as the scaled mixing matrix ``scale * M`` (:func:`mix_matrix`), and where its gradient collects.
 
     Built by :func:`rule_mix`. Every layer call that hands the same object to
-    :func:`apply` or :func:`linear` shares one ``M``, and the rules' gradient
+    :func:`apply` or :func:`linear` shares one matrix, and the rules' gradient
     from all of them is one matmul in the rules' backward; the layers do this
     for every call of one model forward.
     """
 
-    __slots__ = ("matrix", "grad")
+    __slots__ = ("matrix", "grad", "scale")
 
-    def __init__(self, matrix: torch.Tensor, grad: Optional[_RuleGrad] = None) -> None:
-        self.matrix, self.grad = matrix, grad
+    def __init__(self, matrix: torch.Tensor, grad: Optional[_RuleGrad] = None, scale: float = 1.0) -> None:
+        self.matrix, self.grad, self.scale = matrix, grad, scale
 
 
-def rule_mix(A: torch.Tensor, r: int, dtype: torch.dtype) -> RuleMix:
-    """The :class:`RuleMix` of rules ``A`` for experts of rank ``r``, ``M`` in the compute dtype ``dtype``.
+def rule_mix(A: torch.Tensor, r: int, dtype: torch.dtype, scale: float = 1.0) -> RuleMix:
+    """The :class:`RuleMix` of rules ``A`` for experts of rank ``r``: ``scale * M`` in the compute dtype ``dtype``.
 
-    Differentiable in ``A``. Under ``torch.compile`` ``M`` is plain operators
-    (:func:`mix_matrix`) and every layer returns its own gradient of it.
+    Differentiable in ``A``. The adapter's scale lives in the matrix, so the
+    layers' matmuls carry no scaling of their own. Under ``torch.compile`` the
+    matrix is plain operators (:func:`mix_matrix`) and every layer returns its
+    own gradient of it.
     """
+    scale = float(scale)
     if torch.compiler.is_compiling():
-        return RuleMix(mix_matrix(A, r, dtype))
+        m = mix_matrix(A, r, dtype)
+        return RuleMix(m if scale == 1.0 else m * scale, None, scale)
     if A.requires_grad and torch.is_grad_enabled():
         grad = _RuleGrad()
-        return RuleMix(_MixBuild.apply(A, r, dtype, grad), grad)
+        return RuleMix(_MixBuild.apply(A, r, dtype, scale, grad), grad, scale)
     with torch.no_grad():
-        return RuleMix(_build_mix(A, r, dtype))
+        return RuleMix(_build_mix(A, r, dtype, scale), None, scale)
 
 
-def _down_mix(xc: torch.Tensor, cc: torch.Tensor, m: torch.Tensor, scale: float) -> tuple:
-    """``(blocks, z, u)``: ``x``'s blocks ``(T n, q_in)``, projected by every expert ``(T, (j, i, r))``, mixed ``s z @ M``."""
-    n, r, q_in = cc.shape
-    tokens = xc.shape[0]
-    blocks = xc.view(tokens * n, q_in)  # (T * n_j, q_in)
-    z = torch.mm(blocks, _t(cc.view(n * r, q_in))).view(tokens, n * n * r)  # (T, (j, i, r))
-    u = _scaled_mm(z, m, scale, like=z)  # (T, (p, i, r)), the scale carried from here on
-    return blocks, z, u
+# The factored functions below take and return any number of leading batch
+# dimensions and reshape inside (views of contiguous tensors), so a layer call
+# adds one node to the autograd graph. ``x``'s ``(T, d_in)`` rows read as ``(T n,
+# q_in)`` are its blocks; ``z`` read as ``(T, n^2 r)`` is every expert's
+# projection of every block; ``M`` carries the scale. The matmuls run in the
+# compute dtype ``dtype`` (the autocast dtype, else the factors'), with autocast
+# switched off inside.
 
 
-def _factor_grads(ctx, saved: tuple, g: torch.Tensor, need_gz: bool) -> tuple:
-    """``(gz, gM, gB, gC)`` from ``g``, the gradient at the adapter's output ``(T, d_out)``; ``gB`` in the ``(n, r, d_out / n)`` layout."""
-    blocks, z, u, m, bt, cc = saved[:6]
-    need_m, need_b, need_c = ctx.need_factors
-    scale, sink = ctx.scale, ctx.rule_grad
-    n, r, q_out = bt.shape
-    q_in = cc.shape[2]
-    tokens = z.shape[0]
-    g_blocks = _flat(g, tokens * n, q_out)  # (T * n_p, a)
+def _down_mix(x: torch.Tensor, c2: torch.Tensor, m: torch.Tensor) -> tuple:
+    """``(blocks, z, u)``: ``x``'s blocks ``(T n, q_in)``, projected ``(T, (j, i, r))``, mixed ``z @ M``."""
+    blocks = _rows(x, c2.shape[1])
+    z = nn_linear(blocks, c2).view(-1, m.shape[0])  # blocks @ C^T, then (T, (j, i, r))
+    return blocks, z, torch.mm(z, m)
+
+
+def _factor_grads(ctx, g_blocks: torch.Tensor, need_gz: bool, saved: tuple) -> tuple:
+    """``(gz, gM, gB, gC)`` from ``g_blocks``, the gradient at the adapter's output as ``(T n, d_out / n)``.
+
+    ``gz`` is ``(T n, n r)``; ``gB`` and ``gC`` come out in the stored ``(n, r, d / n)`` layouts.
+    """
+    blocks, z, u, m, b2, c2 = saved[:6]
+    need_m, need_b, need_c = ctx.needs_input_grad[ctx.factor_slots]
+    nr = c2.shape[0]
     gz = gm = gb = gc = None
     if need_gz or need_c or need_m:
-        gu = torch.mm(g_blocks, _t(bt.view(n * r, q_out))).view(tokens, n * n * r)  # (T, (p, i, r))
+        gu = nn_linear(g_blocks, b2).view(z.shape)  # g @ B: (T, (p, i, r))
         if need_m:
-            if sink is not None:
-                sink.add(z, gu, scale)  # summed with every other layer's in one matmul (the rules' backward)
+            if ctx.sink is not None:
+                ctx.sink.add(z, gu)  # summed with every other layer's in one matmul (the rules' backward)
             else:
-                gm = _scaled_mm(_t(z), gu, scale, like=m)
+                gm = torch.mm(z.t(), gu)
         if need_gz or need_c:
-            gz = _scaled_mm(gu, _t(m), scale, like=z).view(tokens * n, n * r)  # (T * n_j, (i, r))
+            gz = nn_linear(gu, m).view(-1, nr)  # gu @ M^T, as (T n, (i, r))
             if need_c:
-                gc = _cast(torch.mm(_t(gz), blocks).view(n, r, q_in), ctx.c_dtype)
+                gc = _cast(torch.mm(gz.t(), blocks).view(ctx.c_shape), ctx.c_dtype)
     if need_b:
-        gb = _cast(torch.mm(_t(u.view(tokens * n, n * r)), g_blocks).view(n, r, q_out), ctx.b_dtype)
+        gb = _cast(torch.mm(u.view(-1, nr).t(), g_blocks).view(ctx.b_shape), ctx.b_dtype)
     return gz, gm, gb, gc
 
 
-def _save(ctx, tensors: tuple, bt: torch.Tensor, C: torch.Tensor, scale: float, dtype, x_dtype, rule_grad) -> None:
-    ctx.save_for_backward(*tensors)
-    ctx.scale, ctx.dtype, ctx.x_dtype, ctx.c_dtype, ctx.b_dtype = scale, dtype, x_dtype, C.dtype, bt.dtype
-    ctx.rule_grad = rule_grad
+def _factors2(bt: torch.Tensor, C: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``B`` as ``(n r, d_out / n)`` and ``C`` as ``(n r, d_in / n)`` in ``dtype`` (views of contiguous factors)."""
+    n, r = C.shape[0], C.shape[1]
+    return _cast(bt, dtype).reshape(n * r, bt.shape[2]), _cast(C, dtype).reshape(n * r, C.shape[2])
+
+
+def _prepare(ctx, bt: torch.Tensor, C: torch.Tensor, x: torch.Tensor, spec: tuple) -> None:
+    ctx.dtype, ctx.sink = spec[-3], spec[-1]
+    ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+    ctx.b_shape, ctx.b_dtype, ctx.c_shape, ctx.c_dtype = bt.shape, bt.dtype, C.shape, C.dtype
 
 
 class _FactoredDelta(torch.autograd.Function):
-    """``base + scale * x @ dW.T`` (or ``x + ...`` with ``residual``) as three token-sized matmuls.
+    """``base + x @ dW.T`` (or ``x + ...`` with ``residual``) as three token-sized matmuls.
 
-    ``x2``: ``(T, d_in)``; ``m``: the mixing matrix; ``bt``: ``B`` as ``(n, r,
-    d_out / n)``; ``base2``: ``(T, d_out)`` or ``None``; ``dtype``: the compute
-    dtype (the autocast dtype, else the factors').
+    ``x``: ``(..., d_in)``; ``m``: ``scale * M``; ``bt``: ``B`` as ``(n, r,
+    d_out / n)``; ``base``: ``(..., d_out)`` or ``None``; ``spec``:
+    ``(residual, dtype, autocast, sink)``.
     """
 
     @staticmethod
-    def forward(ctx, x2, m, bt, C, base2, scale, residual, dtype, autocast, rule_grad):  # noqa: D102
-        with _no_autocast(x2.device.type):
-            xc, cc, bc = _cast(x2, dtype), _cast(C, dtype), _flat(_cast(bt, dtype), *bt.shape)
-            n, r, q_out = bt.shape
-            tokens = x2.shape[0]
-            blocks, z, u = _down_mix(xc, cc, m, scale)
-            u_blocks, b_mat = u.view(tokens * n, n * r), bc.view(n * r, q_out)
-            # Under autocast x + s dW x comes out in the autocast dtype, which its consumers would cast it to.
-            acc = (xc if autocast else x2) if residual else base2
-            fused = acc is not None and acc.dtype == dtype
-            if acc is None:
-                out = torch.mm(u_blocks, b_mat)  # (T * n_p, a)
-            elif fused:
-                out = torch.addmm(_flat(acc, tokens * n, q_out), u_blocks, b_mat)
-            else:  # e.g. a float32 adapter beside a bfloat16 base layer: add in the base's dtype
-                out = acc + torch.mm(u_blocks, b_mat).view(tokens, n * q_out).to(acc.dtype)
-        _save(ctx, (blocks, z, u, m, bc, cc), bt, C, scale, dtype, x2.dtype, rule_grad)
-        ctx.residual, ctx.fused = residual, fused
-        return out.view(tokens, n * q_out)
+    def forward(ctx, x, m, bt, C, base, spec):  # noqa: D102
+        if spec[2]:
+            with torch.autocast(x.device.type, enabled=False):
+                return _FactoredDelta._forward(ctx, x, m, bt, C, base, spec)
+        return _FactoredDelta._forward(ctx, x, m, bt, C, base, spec)
+
+    @staticmethod
+    def _forward(ctx, x, m, bt, C, base, spec):
+        residual, dtype, autocast, _ = spec
+        n = C.shape[0]
+        b2, c2 = _factors2(bt, C, dtype)
+        xc = _cast(x, dtype)
+        blocks, z, u = _down_mix(xc, c2, m)
+        u2 = u.view(-1, b2.shape[0])  # (T n, (i, r))
+        # Under autocast x + s dW x comes out in the autocast dtype, which its consumers would cast it to.
+        acc = (xc if autocast else x) if residual else base
+        fused = acc is not None and acc.dtype == dtype
+        if acc is None:
+            out = torch.mm(u2, b2)  # (T n, d_out / n)
+        elif fused:
+            out = torch.addmm(blocks if acc is xc else _rows(acc, b2.shape[1]), u2, b2)
+        else:  # e.g. a float32 adapter beside a bfloat16 base layer: add in the base's dtype
+            out = _rows(acc, b2.shape[1]) + torch.mm(u2, b2).to(acc.dtype)
+        ctx.save_for_backward(blocks, z, u, m, b2, c2)
+        _prepare(ctx, bt, C, x, spec)
+        ctx.residual, ctx.fused, ctx.factor_slots = residual, fused, slice(1, 4)
+        return out.view(*x.shape[:-1], n * b2.shape[1])
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
+        if _autocast_on(grad.device.type):
+            with torch.autocast(grad.device.type, enabled=False):
+                return _FactoredDelta._backward(ctx, grad)
+        return _FactoredDelta._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         need_x, need_base = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
-        ctx.need_factors = tuple(ctx.needs_input_grad[1:4])
         saved = ctx.saved_tensors
+        c2 = saved[5]
+        q_out, q_in = saved[4].shape[1], c2.shape[1]
+        g_blocks = _rows(_cast(grad, ctx.dtype), q_out)  # (T n, d_out / n)
+        gz, gm, gb, gc = _factor_grads(ctx, g_blocks, need_x, saved)
         gx = None
-        with _no_autocast(grad.device.type):
-            g = _cast(grad, ctx.dtype)  # (T, d_out)
-            gz, gm, gb, gc = _factor_grads(ctx, saved, g, need_x)
-            if need_x:
-                cc = saved[5]
-                n, r, q_in = cc.shape
-                cv = cc.view(n * r, q_in)
-                tokens = g.shape[0]
-                if ctx.residual and ctx.fused:
-                    gx = torch.addmm(_flat(g, tokens * n, q_in), gz, cv)  # g + gz @ C: (T * n_j, q_in)
-                else:
-                    gx = torch.mm(gz, cv)
-                    if ctx.residual:  # the identity path keeps the input's dtype
-                        gx = _flat(grad, tokens * n, q_in) + gx.to(grad.dtype)
-                gx = _cast(gx.view(tokens, n * q_in), ctx.x_dtype)
-        return gx, gm, gb, gc, (grad if need_base else None), None, None, None, None, None
+        if need_x:
+            if ctx.residual and ctx.fused:
+                gx = torch.addmm(g_blocks, gz, c2)  # g + gz @ C: (T n, q_in)
+            else:
+                gx = torch.mm(gz, c2)
+                if ctx.residual:  # the identity path keeps the input's dtype
+                    gx = _rows(grad, q_in) + gx.to(grad.dtype)
+            gx = _cast(gx.view(ctx.x_shape), ctx.x_dtype)
+        return gx, gm, gb, gc, (grad if need_base else None), None
 
 
 class _FactoredLinear(torch.autograd.Function):
@@ -437,68 +459,79 @@ class _FactoredLinear(torch.autograd.Function):
 
     Owning the linear's backward lets the input gradient collect both paths in
     place (one matmul each) instead of adding two tensors. ``weight`` and
-    ``bias`` must not require gradients.
+    ``bias`` must not require gradients. ``spec``: ``(sequential, dtype,
+    autocast, sink)``.
     """
 
     @staticmethod
-    def forward(ctx, x2, weight, bias, m, bt, C, scale, sequential, dtype, rule_grad):  # noqa: D102
-        with _no_autocast(x2.device.type):
-            xc, cc, wc, bc = _cast(x2, dtype), _cast(C, dtype), _cast(weight, dtype), _cast(bias, dtype)
-            btc = _flat(_cast(bt, dtype), *bt.shape)
-            n, r, q_out = bt.shape
-            tokens = x2.shape[0]
-            blocks, z, u = _down_mix(xc, cc, m, scale)
-            u_blocks, b_mat = u.view(tokens * n, n * r), btc.view(n * r, q_out)
-            if sequential:
-                h = torch.addmm(blocks, u_blocks, b_mat)  # x + s dW x: (T * n, q_in)
-                out = nn_linear(h.view(tokens, n * q_out), wc, bc)  # (T, d_out)
-            else:
-                out = nn_linear(xc, wc, bc)
-                out.view(tokens * n, -1).addmm_(u_blocks, b_mat)  # a fresh tensor of this function's own: updated in place
-        _save(ctx, (blocks, z, u, m, btc, cc, wc), bt, C, scale, dtype, x2.dtype, rule_grad)
-        ctx.sequential = sequential
+    def forward(ctx, x, weight, bias, m, bt, C, spec):  # noqa: D102
+        if spec[2]:
+            with torch.autocast(x.device.type, enabled=False):
+                return _FactoredLinear._forward(ctx, x, weight, bias, m, bt, C, spec)
+        return _FactoredLinear._forward(ctx, x, weight, bias, m, bt, C, spec)
+
+    @staticmethod
+    def _forward(ctx, x, weight, bias, m, bt, C, spec):
+        sequential, dtype = spec[0], spec[1]
+        b2, c2 = _factors2(bt, C, dtype)
+        xc, wc, bc = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
+        blocks, z, u = _down_mix(xc, c2, m)
+        u2 = u.view(-1, b2.shape[0])  # (T n, (i, r))
+        if sequential:
+            h = torch.addmm(blocks, u2, b2)  # x + s dW x: (T n, q_in)
+            out = nn_linear(h.view(xc.shape), wc, bc)
+        else:
+            out = nn_linear(xc, wc, bc)
+            out.view(-1, b2.shape[1]).addmm_(u2, b2)  # a fresh tensor of this function's own: updated in place
+        ctx.save_for_backward(blocks, z, u, m, b2, c2, wc)
+        _prepare(ctx, bt, C, x, spec)
+        ctx.sequential, ctx.factor_slots = sequential, slice(3, 6)
         return out
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
+        if _autocast_on(grad.device.type):
+            with torch.autocast(grad.device.type, enabled=False):
+                return _FactoredLinear._backward(ctx, grad)
+        return _FactoredLinear._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         need_x = ctx.needs_input_grad[0]
-        ctx.need_factors = tuple(ctx.needs_input_grad[3:6])
         saved = ctx.saved_tensors
+        b2, c2, wc = saved[4], saved[5], saved[6]
+        g = _rows(_cast(grad, ctx.dtype), wc.shape[0])  # (T, d_out)
+        g_in = torch.mm(g, wc) if (need_x or ctx.sequential) else None  # gradient at the linear's input (T, d_in)
+        g_adapter = g_in if ctx.sequential else g
+        gz, gm, gb, gc = _factor_grads(ctx, g_adapter.view(-1, b2.shape[1]), need_x, saved)
         gx = None
-        with _no_autocast(grad.device.type):
-            g = _cast(grad, ctx.dtype)  # (T, d_out)
-            cc, wc = saved[5], saved[6]
-            n, r, q_in = cc.shape
-            tokens = g.shape[0]
-            g_in = torch.mm(g, wc) if (need_x or ctx.sequential) else None  # gradient at the linear's input
-            gz, gm, gb, gc = _factor_grads(ctx, saved, g_in if ctx.sequential else g, need_x)
-            if need_x:
-                gx = g_in.view(tokens * n, q_in).addmm_(gz, cc.view(n * r, q_in))  # both paths, in place
-                gx = _cast(gx.view(tokens, n * q_in), ctx.x_dtype)
-        return gx, None, None, gm, gb, gc, None, None, None, None
+        if need_x:
+            g_in.view(-1, c2.shape[1]).addmm_(gz, c2)  # both paths, in place
+            gx = _cast(g_in.view(ctx.x_shape), ctx.x_dtype)
+        return gx, None, None, gm, gb, gc, None
 
 
 def compute_dtype(x: torch.Tensor, B: torch.Tensor) -> torch.dtype:
     """The dtype the factored path computes in: the autocast dtype when autocast is on for ``x``'s device, else ``B``'s."""
-    return _compute_dtype(x, B)[0]
+    return call_dtype(x, B)[0]
 
 
-def _compute_dtype(x: torch.Tensor, B: torch.Tensor) -> tuple[torch.dtype, bool]:
-    """``(compute dtype, autocast on)``."""
+def call_dtype(x: torch.Tensor, B: torch.Tensor) -> tuple[torch.dtype, bool]:
+    """``(compute_dtype(x, B), whether autocast is on for x's device)``."""
     device = x.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+    if _autocast_on(device):
         return torch.get_autocast_dtype(device), True
     return B.dtype, False
 
 
-def _mix_for(A: torch.Tensor, r: int, dtype: torch.dtype, mix: Optional[RuleMix]) -> RuleMix:
+def _mix_for(A: torch.Tensor, r: int, dtype: torch.dtype, scale: float, mix: Optional[RuleMix]) -> RuleMix:
     if mix is None:
-        return rule_mix(A, r, dtype)
+        return rule_mix(A, r, dtype, scale)
     k = A.shape[0] ** 2 * r
-    if mix.matrix.shape != (k, k) or mix.matrix.dtype != dtype:
+    if mix.matrix.shape != (k, k) or mix.matrix.dtype != dtype or mix.scale != float(scale):
         raise ValueError(
-            f"mix holds a {tuple(mix.matrix.shape)} {mix.matrix.dtype} matrix; these factors need "
-            f"rule_mix(A, r={r}, dtype={dtype}), ({k}, {k})"
+            f"mix holds a {tuple(mix.matrix.shape)} {mix.matrix.dtype} matrix for scale {mix.scale}; these factors "
+            f"need rule_mix(A, r={r}, dtype={dtype}, scale={float(scale)}), ({k}, {k})"
         )
     return mix
 
@@ -535,8 +568,8 @@ def apply(
         scale: Scalar multiplier ``s``.
         base: ``(..., d_out)`` to add the update to, or ``None``.
         residual: Return ``x + s dW x`` (needs ``d_out == d_in``; excludes ``base``).
-        mix: ``rule_mix(A, r, compute dtype)`` to share between calls (built
-            here when ``None``).
+        mix: ``rule_mix(A, r, compute dtype, scale)`` to share between calls
+            (built here when ``None``).
 
     Returns:
         ``(..., d_out)``: ``x @ delta_weight(A, B, C, scale).T`` (+ ``base`` or ``x``),
@@ -549,7 +582,7 @@ def apply(
     if residual and (base is not None or d_out != d_in):
         raise ValueError("residual=True needs a square update (d_out == d_in) and no base")
     dtype = compute_dtype(x, B)
-    return apply_stored(x, _mix_for(A, r, dtype, mix), B.transpose(1, 2), C, scale, base, residual)
+    return apply_stored(x, _mix_for(A, r, dtype, scale, mix), B.transpose(1, 2), C, base, residual)
 
 
 def apply_stored(
@@ -557,24 +590,23 @@ def apply_stored(
     mix: RuleMix,
     Bt: torch.Tensor,
     C: torch.Tensor,
-    scale: float = 1.0,
     base: Optional[torch.Tensor] = None,
     residual: bool = False,
+    dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """:func:`apply` for checked arguments in the layers' layout: ``Bt`` is ``B`` as ``(n, r, d_out / n)``.
 
     What the layers call: no argument checks, ``Bt`` handed over as stored
     (no view of it in the autograd graph), ``mix`` already built for the
-    compute dtype.
+    compute dtype ``dtype`` (worked out here when ``None``) and the scale.
     """
-    d_out = Bt.shape[0] * Bt.shape[2]
-    x2 = _flat(x, -1, x.shape[-1])  # (T, d_in)
-    base2 = None if base is None else _flat(base, -1, d_out)  # (T, d_out)
-    dtype, autocast = _compute_dtype(x, Bt)
-    out = _FactoredDelta.apply(x2, mix.matrix, Bt, C, base2, float(scale), residual, dtype, autocast, mix.grad)
+    autocast = _autocast_on(x.device.type)
+    if dtype is None:
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else Bt.dtype
+    out = _FactoredDelta.apply(x, mix.matrix, Bt, C, base, (residual, dtype, autocast, mix.grad))
     if base is None and not residual and out.dtype != x.dtype and not autocast:
         out = out.to(x.dtype)  # no autocast: back to the input's dtype
-    return out.view(*x.shape[:-1], d_out)
+    return out
 
 
 def linear(
@@ -604,7 +636,7 @@ def linear(
         C: Down factors, ``(n, r, d_in / n)``.
         scale: Scalar multiplier ``s``.
         mode: ``"parallel"`` or ``"sequential"``.
-        mix: ``rule_mix(A, r, compute dtype)`` to share between calls (built here when ``None``).
+        mix: ``rule_mix(A, r, compute dtype, scale)`` to share between calls (built here when ``None``).
 
     Returns:
         ``(..., d_out)`` in the compute dtype (the autocast dtype, else the factors').
@@ -619,8 +651,8 @@ def linear(
         )
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("functional.linear needs a frozen weight and bias; use apply() around the layer instead")
-    mix = _mix_for(A, r, compute_dtype(x, B), mix)
-    return linear_stored(x, weight, bias, mix, B.transpose(1, 2), C, scale, mode == "sequential")
+    mix = _mix_for(A, r, compute_dtype(x, B), scale, mix)
+    return linear_stored(x, weight, bias, mix, B.transpose(1, 2), C, mode == "sequential")
 
 
 def linear_stored(
@@ -630,16 +662,14 @@ def linear_stored(
     mix: RuleMix,
     Bt: torch.Tensor,
     C: torch.Tensor,
-    scale: float,
     sequential: bool,
+    dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """:func:`linear` for checked arguments in the layers' layout (``Bt``: ``(n, r, d_out / n)``; see :func:`apply_stored`)."""
-    d_out_w, d_in = weight.shape
-    dtype = compute_dtype(x, Bt)
-    out = _FactoredLinear.apply(
-        _flat(x, -1, d_in), weight, bias, mix.matrix, Bt, C, float(scale), sequential, dtype, mix.grad
-    )
-    return out.view(*x.shape[:-1], d_out_w)
+    autocast = _autocast_on(x.device.type)
+    if dtype is None:
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else Bt.dtype
+    return _FactoredLinear.apply(x, weight, bias, mix.matrix, Bt, C, (sequential, dtype, autocast, mix.grad))
 
 
 # -- folding into weights ---------------------------------------------------------

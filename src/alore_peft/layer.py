@@ -45,8 +45,8 @@ class RuleMixes:
     """Every adapter's :class:`~alore_peft.functional.RuleMix`, built once per model forward.
 
     The tuner holds one and opens :meth:`scope` around each forward of the
-    model; inside it, every layer call of one adapter (same rules, rank, dtype,
-    device and grad mode) shares one mixing matrix and one rule-gradient
+    model; inside it, every layer call of one adapter (same rules, rank, scale,
+    dtype and grad mode) shares one mixing matrix and one rule-gradient
     buffer. Outside a scope (a layer called on its own, or recomputed by
     gradient checkpointing after the forward) each call builds its own: the
     same values, two more operators. Nothing outlives the scope, so a cached
@@ -68,14 +68,14 @@ class RuleMixes:
             if not self._depth:
                 self._built = {}
 
-    def get(self, A: torch.Tensor, r: int, dtype: torch.dtype) -> functional.RuleMix:
-        """The mix of rules ``A`` for rank ``r`` in ``dtype``: shared inside a scope, else new."""
+    def get(self, A: torch.Tensor, r: int, dtype: torch.dtype, scale: float) -> functional.RuleMix:
+        """The mix of rules ``A`` for rank ``r`` and ``scale`` in ``dtype``: shared inside a scope, else new."""
         if not self._depth or torch.compiler.is_compiling():
-            return functional.rule_mix(A, r, dtype)
-        key = (id(A), r, dtype, A.device, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+            return functional.rule_mix(A, r, dtype, scale)
+        key = (id(A), r, dtype, scale, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         mix = self._built.get(key)
         if mix is None:
-            mix = self._built[key] = functional.rule_mix(A, r, dtype)
+            mix = self._built[key] = functional.rule_mix(A, r, dtype, scale)
         return mix
 
     def __getstate__(self) -> dict:
@@ -239,9 +239,17 @@ class AloreLayer(BaseTunerLayer):
         """``(A, B, C)`` of ``adapter_name``: ``(n, n, n)``, ``(n, d_out / n, r)`` (a view of the stored ``B``), ``(n, r, d_in / n)``."""
         return self.rules(adapter_name), self.alore_B[adapter_name].transpose(1, 2), self.alore_C[adapter_name]
 
-    def _mix(self, adapter_name: str, x: torch.Tensor, Bt: torch.Tensor) -> functional.RuleMix:
-        """The adapter's rules as a mixing matrix for a call on ``x`` (shared by the calls of one model forward)."""
-        return self._rule_mixes.get(self.rules(adapter_name), self.r[adapter_name], functional.compute_dtype(x, Bt))
+    def _stored(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(A, B as stored (n, r, d_out / n), C)``, read straight from the parameter dicts (the forward's hot path)."""
+        modules = self._modules
+        A = modules["alore_A"]._parameters.get(adapter_name)
+        if A is None:
+            A = self._shared_rules._parameters[adapter_name]
+        return A, modules["alore_B"]._parameters[adapter_name], modules["alore_C"]._parameters[adapter_name]
+
+    def _mix(self, adapter_name: str, A: torch.Tensor, dtype: torch.dtype) -> functional.RuleMix:
+        """The adapter's rules (``A``) as its scaled mixing matrix in ``dtype``, shared by the calls of one model forward."""
+        return self._rule_mixes.get(A, self.r[adapter_name], dtype, self.scaling[adapter_name])
 
     def _factors_and_scale(self, adapter_name: str) -> functional.Factors:
         A, B, C = self.factors(adapter_name)
@@ -380,27 +388,44 @@ class AloreLayer(BaseTunerLayer):
         super().delete_adapter(adapter_name)
 
     # -- forward -----------------------------------------------------------
+    # Every training step runs these once per adapted layer, and on a GPU the step waits on them: they read
+    # the module's own dicts (``_modules``, ``_parameters``) instead of going through nn.Module attribute
+    # lookup and ParameterDict/ModuleDict indexing, which cost microseconds each.
     def _active(self) -> list[str]:
-        return [a for a in self.active_adapters if a in self.alore_B]
+        names = self._active_adapter
+        factors = self._modules["alore_B"]._parameters
+        if isinstance(names, str):
+            return [names] if names in factors else []
+        return [a for a in names if a in factors]
 
     def _path(self, active: list[str]) -> str:
-        paths = {self.compute_path[a] for a in active}
-        return "factored" if "factored" in paths else "fold" if "fold" in paths else "auto"
+        paths = self.compute_path
+        if len(active) == 1:
+            return paths[active[0]]
+        chosen = {paths[a] for a in active}
+        return "factored" if "factored" in chosen else "fold" if "fold" in chosen else "auto"
 
     def _dropout_active(self, active: list[str]) -> bool:
-        return self.training and any(isinstance(self.alore_dropout[a], nn.Dropout) for a in active)
+        if not self.training:
+            return False
+        dropouts = self._modules["alore_dropout"]._modules
+        return any(isinstance(dropouts[a], nn.Dropout) for a in active)
 
     def _adapter_needs_grad(self, active: list[str]) -> bool:
         if not torch.is_grad_enabled():
             return False
-        factors_b, factors_c = self.alore_B, self.alore_C
-        return any(factors_b[a].requires_grad or factors_c[a].requires_grad or self.rules(a).requires_grad for a in active)
+        for a in active:
+            A, Bt, C = self._stored(a)
+            if Bt.requires_grad or C.requires_grad or A.requires_grad:
+                return True
+        return False
 
     def _use_fold(self, active: list[str], x: torch.Tensor) -> bool:
         """Fold the adapters into the weights for this call, or run the factored path."""
         path = self._path(active)
-        if path != "auto" or self._dropout_active(active):
-            return path == "fold" and not self._dropout_active(active)
+        dropout = self._dropout_active(active)
+        if path != "auto" or dropout:
+            return path == "fold" and not dropout
         if self._adapter_needs_grad(active) or torch.compiler.is_compiling():
             return False
         if not self.training and not torch.is_grad_enabled():
@@ -448,9 +473,9 @@ class AloreLayer(BaseTunerLayer):
         base: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """``base + s dW drop(x)`` along the feature axis (``x + s dW x`` when ``base`` is ``None``)."""
-        Bt, C = self.alore_B[name], self.alore_C[name]  # B as stored, (n, r, d_out / n)
-        dropout = self.alore_dropout[name]
-        dropped = not isinstance(dropout, nn.Identity) and self.training
+        A, Bt, C = self._stored(name)  # B as stored, (n, r, d_out / n)
+        dropout = self._modules["alore_dropout"]._modules[name]
+        dropped = self.training and not isinstance(dropout, nn.Identity)
         h = dropout(x) if dropped else x
         residual = base is None and not dropped
         if base is None and dropped:
@@ -459,8 +484,8 @@ class AloreLayer(BaseTunerLayer):
         if axis != -1:
             h = h.movedim(axis, -1)  # (..., features)
             base = None if base is None else base.movedim(axis, -1)
-        mix = self._mix(name, h, Bt)
-        out = functional.apply_stored(h, mix, Bt, C, self.scaling[name], base=base, residual=residual)
+        dtype = functional.compute_dtype(h, Bt)
+        out = functional.apply_stored(h, self._mix(name, A, dtype), Bt, C, base, residual, dtype)
         if axis == -1:
             return out
         # Back to the input's layout: the wrapped convolution then runs as it would on its own input.
@@ -479,16 +504,17 @@ class AloreLayer(BaseTunerLayer):
         return self._adapt(x, name, base=result)
 
     def _call_base(self, h: torch.Tensor, key: Optional[str], args: tuple, kwargs: dict) -> Any:
+        base = self._modules["base_layer"]
         if key is None:
-            return self.base_layer(h, *args[1:], **kwargs)
-        return self.base_layer(*args, **{**kwargs, key: h})
+            return base(h, *args[1:], **kwargs)
+        return base(*args, **{**kwargs, key: h})
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.disable_adapters:
+        if self._disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(*args, **kwargs)
-        active = [] if self.merged else self._active()
+        active = [] if self.merged_adapters else self._active()
         if not active:
             return self.base_layer(*args, **kwargs)
         x, key = self._find_input(args, kwargs)
@@ -498,10 +524,13 @@ class AloreLayer(BaseTunerLayer):
 
     def _factored(self, active: list[str], x: torch.Tensor, key: Optional[str], args: tuple, kwargs: dict) -> Any:
         """The wrapped module on ``x + sum S x``, plus ``sum P x``: ``dW`` never built."""
-        h = self._sequential_input(x, [a for a in active if self.mode[a] == "sequential"])
+        modes = self.mode
+        if len(active) == 1 and modes[active[0]] == "sequential":  # the common case, without the loops
+            return self._call_base(self._adapt(x, active[0]), key, args, kwargs)
+        h = self._sequential_input(x, [a for a in active if modes[a] == "sequential"])
         result = self._call_base(h, key, args, kwargs)
         for name in active:
-            if self.mode[name] == "parallel":
+            if modes[name] == "parallel":
                 result = self._parallel_out(name, x, result)
         return result
 
@@ -555,17 +584,16 @@ class Linear(nn.Module, AloreLayer):
 
     def _factored(self, active: list[str], x: torch.Tensor, key: Optional[str], args: tuple, kwargs: dict) -> Any:
         # One adapter on a frozen nn.Linear: the layer and its adapter in one function (fewer operators).
-        base = self.base_layer
+        base = self._modules["base_layer"]
         if len(active) == 1 and type(base) is nn.Linear and not self._dropout_active(active):
-            frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+            weight, bias = base._parameters["weight"], base._parameters["bias"]
             name = active[0]
-            Bt, C = self.alore_B[name], self.alore_C[name]  # B as stored, (n, r, d_out / n)
-            device = x.device.type
-            autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-            if frozen and (autocast or base.weight.dtype == Bt.dtype == x.dtype):
+            A, Bt, C = self._stored(name)  # B as stored, (n, r, d_out / n)
+            dtype, autocast = functional.call_dtype(x, Bt)
+            frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
+            if frozen and (autocast or weight.dtype == dtype == x.dtype):
                 sequential = self.mode[name] == "sequential"
-                mix = self._mix(name, x, Bt)
-                return functional.linear_stored(x, base.weight, base.bias, mix, Bt, C, self.scaling[name], sequential)
+                return functional.linear_stored(x, weight, bias, self._mix(name, A, dtype), Bt, C, sequential, dtype)
         return super()._factored(active, x, key, args, kwargs)
 
     # nn.Module comes first in the MRO, so its placeholders must be pointed at AloreLayer's.
