@@ -384,6 +384,14 @@ def _factors2(bt: torch.Tensor, C: torch.Tensor, dtype: torch.dtype) -> tuple[to
     return _cast(bt, dtype).reshape(n * r, bt.shape[2]), _cast(C, dtype).reshape(n * r, C.shape[2])
 
 
+def _autocast_off(device_type: str, fn, *args):
+    """``fn(*args)`` with autocast off for ``device_type``: the factored functions pick their dtypes themselves."""
+    if _autocast_on(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return fn(*args)
+    return fn(*args)
+
+
 def _prepare(ctx, bt: torch.Tensor, C: torch.Tensor, x: torch.Tensor, spec: tuple) -> None:
     ctx.dtype, ctx.sink = spec[-3], spec[-1]
     ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
@@ -400,10 +408,7 @@ class _FactoredDelta(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, m, bt, C, base, spec):  # noqa: D102
-        if spec[2]:
-            with torch.autocast(x.device.type, enabled=False):
-                return _FactoredDelta._forward(ctx, x, m, bt, C, base, spec)
-        return _FactoredDelta._forward(ctx, x, m, bt, C, base, spec)
+        return _autocast_off(x.device.type, _FactoredDelta._forward, ctx, x, m, bt, C, base, spec)
 
     @staticmethod
     def _forward(ctx, x, m, bt, C, base, spec):
@@ -429,10 +434,7 @@ class _FactoredDelta(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        if _autocast_on(grad.device.type):
-            with torch.autocast(grad.device.type, enabled=False):
-                return _FactoredDelta._backward(ctx, grad)
-        return _FactoredDelta._backward(ctx, grad)
+        return _autocast_off(grad.device.type, _FactoredDelta._backward, ctx, grad)
 
     @staticmethod
     def _backward(ctx, grad):
@@ -465,10 +467,7 @@ class _FactoredLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, m, bt, C, spec):  # noqa: D102
-        if spec[2]:
-            with torch.autocast(x.device.type, enabled=False):
-                return _FactoredLinear._forward(ctx, x, weight, bias, m, bt, C, spec)
-        return _FactoredLinear._forward(ctx, x, weight, bias, m, bt, C, spec)
+        return _autocast_off(x.device.type, _FactoredLinear._forward, ctx, x, weight, bias, m, bt, C, spec)
 
     @staticmethod
     def _forward(ctx, x, weight, bias, m, bt, C, spec):
@@ -490,10 +489,7 @@ class _FactoredLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        if _autocast_on(grad.device.type):
-            with torch.autocast(grad.device.type, enabled=False):
-                return _FactoredLinear._backward(ctx, grad)
-        return _FactoredLinear._backward(ctx, grad)
+        return _autocast_off(grad.device.type, _FactoredLinear._backward, ctx, grad)
 
     @staticmethod
     def _backward(ctx, grad):
