@@ -384,9 +384,9 @@ def _factors2(bt: torch.Tensor, C: torch.Tensor, dtype: torch.dtype) -> tuple[to
     return _cast(bt, dtype).reshape(n * r, bt.shape[2]), _cast(C, dtype).reshape(n * r, C.shape[2])
 
 
-def _autocast_off(device_type: str, fn, *args):
-    """``fn(*args)`` with autocast off for ``device_type``: the factored functions pick their dtypes themselves."""
-    if _autocast_on(device_type):
+def _autocast_off(on: bool, device_type: str, fn, *args):
+    """``fn(*args)`` with autocast (``on`` for ``device_type``) switched off: the factored functions pick their dtypes themselves."""
+    if on:
         with torch.autocast(device_type, enabled=False):
             return fn(*args)
     return fn(*args)
@@ -408,7 +408,7 @@ class _FactoredDelta(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, m, bt, C, base, spec):  # noqa: D102
-        return _autocast_off(x.device.type, _FactoredDelta._forward, ctx, x, m, bt, C, base, spec)
+        return _autocast_off(spec[2], x.device.type, _FactoredDelta._forward, ctx, x, m, bt, C, base, spec)
 
     @staticmethod
     def _forward(ctx, x, m, bt, C, base, spec):
@@ -434,7 +434,7 @@ class _FactoredDelta(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        return _autocast_off(grad.device.type, _FactoredDelta._backward, ctx, grad)
+        return _autocast_off(_autocast_on(grad.device.type), grad.device.type, _FactoredDelta._backward, ctx, grad)
 
     @staticmethod
     def _backward(ctx, grad):
@@ -467,7 +467,7 @@ class _FactoredLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, m, bt, C, spec):  # noqa: D102
-        return _autocast_off(x.device.type, _FactoredLinear._forward, ctx, x, weight, bias, m, bt, C, spec)
+        return _autocast_off(spec[2], x.device.type, _FactoredLinear._forward, ctx, x, weight, bias, m, bt, C, spec)
 
     @staticmethod
     def _forward(ctx, x, weight, bias, m, bt, C, spec):
@@ -489,7 +489,7 @@ class _FactoredLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        return _autocast_off(grad.device.type, _FactoredLinear._backward, ctx, grad)
+        return _autocast_off(_autocast_on(grad.device.type), grad.device.type, _FactoredLinear._backward, ctx, grad)
 
     @staticmethod
     def _backward(ctx, grad):
@@ -596,9 +596,7 @@ def apply_stored(
     (no view of it in the autograd graph), ``mix`` already built for the
     compute dtype ``dtype`` (worked out here when ``None``) and the scale.
     """
-    autocast = _autocast_on(x.device.type)
-    if dtype is None:
-        dtype = torch.get_autocast_dtype(x.device.type) if autocast else Bt.dtype
+    dtype, autocast = call_dtype(x, Bt) if dtype is None else (dtype, _autocast_on(x.device.type))
     out = _FactoredDelta.apply(x, mix.matrix, Bt, C, base, (residual, dtype, autocast, mix.grad))
     if base is None and not residual and out.dtype != x.dtype and not autocast:
         out = out.to(x.dtype)  # no autocast: back to the input's dtype
@@ -662,9 +660,7 @@ def linear_stored(
     dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """:func:`linear` for checked arguments in the layers' layout (``Bt``: ``(n, r, d_out / n)``; see :func:`apply_stored`)."""
-    autocast = _autocast_on(x.device.type)
-    if dtype is None:
-        dtype = torch.get_autocast_dtype(x.device.type) if autocast else Bt.dtype
+    dtype, autocast = call_dtype(x, Bt) if dtype is None else (dtype, _autocast_on(x.device.type))
     return _FactoredLinear.apply(x, weight, bias, mix.matrix, Bt, C, (sequential, dtype, autocast, mix.grad))
 
 
