@@ -369,6 +369,24 @@ def test_container_needing_more_arguments_is_traced_at_first_forward():
         torch.testing.assert_close(model.merge_and_unload()(x), expected, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("block, call", [(FeedForward(), "positional"), (NeedsScale(), "scale"), (KeywordInput(), "keyword")])
+def test_first_forward_under_inference_mode_traces_and_matches(block, call):
+    # Inference tensors carry no version counter: the trace of a first forward under inference_mode (a loaded
+    # adapter served straight away) must still work, find the same consumers and compute what no_grad does.
+    x = _tokens()
+    reference = get_peft_model(_net(copy.deepcopy(block), call), _block_config())
+    with torch.no_grad():
+        expected = reference(x)
+    model = get_peft_model(_net(copy.deepcopy(block), call), _block_config())
+    with torch.inference_mode():
+        out = model(x)
+    trace = model.base_model.model.block.trace
+    assert trace.source == "forward" and trace.consumers == reference.base_model.model.block.trace.consumers
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    with torch.inference_mode():
+        torch.testing.assert_close(model.merge_and_unload()(x), expected, rtol=RTOL, atol=ATOL)
+
+
 def test_unfoldable_container_found_at_first_forward_refuses_merge():
     model = get_peft_model(_net(NeedsScale(residual=True), call="scale"), _block_config())
     x = _tokens()

@@ -166,6 +166,13 @@ def trace_container(
         The container's output and the :class:`BlockTrace`.
     """
     kwargs = kwargs or {}
+    if x.is_inference():
+        # An inference tensor (a first forward under torch.inference_mode) has no version counter, which the
+        # recorder reads to tell a no-op from an in-place write: trace on a normal tensor with the same values.
+        with torch.inference_mode(False):
+            normal = x.clone()
+        kwargs = {k: normal if v is x else v for k, v in kwargs.items()}
+        x = normal
     names = {id(p): name for name, p in container.named_parameters(remove_duplicate=False)}
     recorder = _InputUseRecorder(x)
     with recorder:
