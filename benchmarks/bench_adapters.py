@@ -15,6 +15,9 @@ Methods (trainable parameters in brackets for ViT-B/16, head excluded):
   adapter method can train faster than this.
 - ``full``: full fine-tuning.
 - ``lora``: PEFT LoRA, r=4 on q_proj and v_proj (147,456).
+- ``lora_copy``: a second, identical LoRA model (its own copy of the backbone),
+  timed like the others: its ratio to ``lora`` is the control, what the
+  measurement reads for two methods that do the same work.
 - ``lokr``: PEFT LoKr with its default r=8 / alpha=8 on q_proj and v_proj.
 - ``alore_seq``: the ALoRE paper configuration, r=4, n=4, sequential; one
   adapter on each block's ``attention`` input and one on its ``mlp`` input
@@ -87,7 +90,7 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # opcount.py, beside this script
 
-METHODS = ("zero_cost", "full", "lora", "lokr", "alore_seq", "alore_par")
+METHODS = ("zero_cost", "full", "lora", "lora_copy", "lokr", "alore_seq", "alore_par")
 ADAPTERS = ("lora", "lokr", "alore_seq", "alore_par")
 COMPILED = ("zero_cost", "lora", "alore_seq", "alore_par")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -176,7 +179,7 @@ def build_method(name: str, base: nn.Module, placement: str) -> tuple[nn.Module,
         model.add_module("zero_cost_gate", gate)
         model.vit.embeddings.patch_embeddings.register_forward_hook(gate.hook)
         where = "scalar gate on the patch embeddings"
-    elif name == "lora":
+    elif name in ("lora", "lora_copy"):
         cfg = peft.LoraConfig(r=4, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
         model, where = peft.get_peft_model(model, cfg), "q_proj, v_proj"
     elif name == "lokr":
@@ -636,6 +639,14 @@ def markdown(report: dict) -> str:
                 f"| {_fmt(r['memory_vs_lora'])} | {_ms(inf.get(f'{name}:unmerged'))} | {_pair(r, 'unmerged_vs_base')} "
                 f"| {_ms(inf.get(f'{name}:merged'))} | {_pair(r, 'merged_vs_base')} |"
             )
+        control = rat.get("lora_copy", {}).get("train_vs_lora")
+        if control is not None:
+            lines += [
+                "",
+                "Control: `lora_copy`, the same LoRA on its own copy of the backbone, reads "
+                f"{_pair(rat['lora_copy'], 'train_vs_lora')} x LoRA; a train-step ratio no further from 1.00 than that "
+                "is within this run's noise.",
+            ]
         ops = res.get("ops") or {}
         if ops and "zero_cost" in ops:
             frozen = ops["zero_cost"]
@@ -794,7 +805,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-ops", action="store_true", help="skip counting operators per train step (CPU)")
     p.add_argument("--proxy", action="store_true",
                    help="the dispatch-bound regime: ViT-B/16 width, 12 blocks, 32 px (5 tokens), batch 1, one thread, "
-                        "LoRA and both ALoRE variants")
+                        "LoRA (and its control copy) and both ALoRE variants")
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--plot", type=Path, default=None, help="also write a PNG bar chart of the ratios here")
     p.add_argument("--from-json", type=Path, nargs="+", default=None, metavar="JSON",
@@ -806,7 +817,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.batch_sizes = args.batch_sizes or [1]
         args.threads = 1
         if args.methods == list(METHODS):
-            args.methods = ["zero_cost", "lora", "alore_seq", "alore_par"]
+            args.methods = ["zero_cost", "lora", "lora_copy", "alore_seq", "alore_par"]
         args.no_memory = True
     if args.dtypes is None:
         args.dtypes = ["bfloat16", "float32"] if cuda else ["float32"]

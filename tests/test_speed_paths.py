@@ -219,6 +219,14 @@ def _shift_base_weight(model):
     layer.consumer_weights()[0][1].add_(0.5)  # a weight the adapter folds into
 
 
+def _replace_base_weight(model):
+    layer = next(m for m in model.modules() if isinstance(m, L.AloreLayer))
+    name, weight = layer.consumer_weights()[0]
+    path, _, attr = name.rpartition(".")
+    owner = layer.get_base_layer().get_submodule(path)
+    setattr(owner, attr, torch.nn.Parameter(weight.detach() + 0.5, requires_grad=False))  # a new tensor object
+
+
 def _load_down_factors(model):
     model.load_state_dict({k: v + 0.25 for k, v in model.state_dict().items() if "alore_C" in k}, strict=False)
 
@@ -245,6 +253,7 @@ CHANGES = {
     "up factor copied": _copy_into_up_factor,
     "shared rules in place": _scale_rules_in_place,
     "base weight in place": _shift_base_weight,
+    "base weight replaced": _replace_base_weight,
     "state dict loaded": _load_down_factors,
     "dtype round trip": _dtype_round_trip,
     "train then eval": _train_then_eval,
@@ -509,6 +518,7 @@ def test_bench_adapters_quick_writes_json_and_table(tmp_path, monkeypatch, keep_
     for name in bench.ADAPTERS:  # every adapter adds operators to the frozen backbone's step
         assert result["ops"][name]["kernel_ops"] > frozen["kernel_ops"] and f"| {name} |" in table
     assert "Operators per train step" in table and "Targets" in table
+    assert result["ratios"]["lora_copy"]["train_vs_lora"] > 0 and "Control: `lora_copy`" in table
 
 
 def test_bench_layer_quick_writes_json_and_table(tmp_path, monkeypatch, keep_threads):

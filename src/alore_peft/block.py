@@ -153,22 +153,30 @@ class AloreBlock(nn.Module, AloreLayer):
             )
         if not self.trace.foldable:
             raise ValueError(self.unfoldable_message(self.trace) + " No weight was changed.")
-        container = self.get_base_layer()
-        return [(name, container.get_parameter(name)) for name in self.trace.consumers]
+        return super().consumer_weights()
+
+    def _consumer_slots(self) -> list[tuple[str, nn.Module, str]]:
+        container = self._modules["base_layer"]
+        slots = []
+        for name in self.trace.consumers:  # names of parameters of the container, e.g. "q_proj.weight"
+            path, _, attr = name.rpartition(".")
+            module = container
+            for part in path.split(".") if path else ():
+                module = module._modules[part]
+            slots.append((name, module, attr))
+        return slots
 
     def _run_folded(self, weights: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
-        container = self.get_base_layer()
+        container = self._modules["base_layer"]
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return torch.func.functional_call(container, weights, args, kwargs, strict=False)
         # Inference: swap the folded weights in for the call and back, without functional_call's
         # per-call walk over every submodule (it cost more than the block's own matmuls on short inputs).
         swapped = []
         try:
-            for name, weight in weights.items():
-                path, _, attr = name.rpartition(".")
-                module = container.get_submodule(path)
+            for name, module, attr in self._consumer_slots():
                 swapped.append((module, attr, module._parameters[attr]))
-                module._parameters[attr] = weight
+                module._parameters[attr] = weights[name]
             return container(*args, **kwargs)
         finally:
             for module, attr, param in reversed(swapped):

@@ -520,6 +520,14 @@ def call_dtype(x: torch.Tensor, B: torch.Tensor) -> tuple[torch.dtype, bool]:
     return B.dtype, False
 
 
+def _resolve_dtype(
+    x: torch.Tensor, B: torch.Tensor, dtype: Optional[torch.dtype], autocast: Optional[bool]
+) -> tuple[torch.dtype, bool]:
+    if dtype is None:
+        return call_dtype(x, B)
+    return dtype, _autocast_on(x.device.type) if autocast is None else autocast
+
+
 def _mix_for(A: torch.Tensor, r: int, dtype: torch.dtype, scale: float, mix: Optional[RuleMix]) -> RuleMix:
     if mix is None:
         return rule_mix(A, r, dtype, scale)
@@ -589,14 +597,17 @@ def apply_stored(
     base: Optional[torch.Tensor] = None,
     residual: bool = False,
     dtype: Optional[torch.dtype] = None,
+    autocast: Optional[bool] = None,
 ) -> torch.Tensor:
     """:func:`apply` for checked arguments in the layers' layout: ``Bt`` is ``B`` as ``(n, r, d_out / n)``.
 
     What the layers call: no argument checks, ``Bt`` handed over as stored
     (no view of it in the autograd graph), ``mix`` already built for the
-    compute dtype ``dtype`` (worked out here when ``None``) and the scale.
+    compute dtype ``dtype`` and the scale. ``dtype`` and ``autocast`` (whether
+    autocast is on for ``x``'s device) are :func:`call_dtype`'s answer, worked
+    out here when ``None``.
     """
-    dtype, autocast = call_dtype(x, Bt) if dtype is None else (dtype, _autocast_on(x.device.type))
+    dtype, autocast = _resolve_dtype(x, Bt, dtype, autocast)
     out = _FactoredDelta.apply(x, mix.matrix, Bt, C, base, (residual, dtype, autocast, mix.grad))
     if base is None and not residual and out.dtype != x.dtype and not autocast:
         out = out.to(x.dtype)  # no autocast: back to the input's dtype
@@ -658,9 +669,10 @@ def linear_stored(
     C: torch.Tensor,
     sequential: bool,
     dtype: Optional[torch.dtype] = None,
+    autocast: Optional[bool] = None,
 ) -> torch.Tensor:
     """:func:`linear` for checked arguments in the layers' layout (``Bt``: ``(n, r, d_out / n)``; see :func:`apply_stored`)."""
-    dtype, autocast = call_dtype(x, Bt) if dtype is None else (dtype, _autocast_on(x.device.type))
+    dtype, autocast = _resolve_dtype(x, Bt, dtype, autocast)
     return _FactoredLinear.apply(x, weight, bias, mix.matrix, Bt, C, (sequential, dtype, autocast, mix.grad))
 
 

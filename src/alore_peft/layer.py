@@ -172,7 +172,16 @@ class AloreLayer(BaseTunerLayer):
             ValueError: if the adapter cannot be folded (a block not traced yet,
                 or whose input reaches something else than linear/conv layers).
         """
-        return [("weight", self.get_base_layer().weight)]
+        return [(name, module._parameters[attr]) for name, module, attr in self._consumer_slots()]
+
+    def _consumer_slots(self) -> list[tuple[str, nn.Module, str]]:
+        """``(name, module, attribute)`` of every consumer weight, looked up afresh through the module dicts.
+
+        The eval-mode fold cache checks these on every call, so they are read
+        the cheap way (``_modules`` / ``_parameters``), never remembered: a
+        replaced weight is seen at once.
+        """
+        return [("weight", self._modules["base_layer"], "weight")]
 
     def _run_folded(self, weights: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
         """Run the wrapped module with ``weights`` in place of its consumers' own."""
@@ -437,9 +446,10 @@ class AloreLayer(BaseTunerLayer):
         )
 
     def _cache_key(self, active: list[str]) -> tuple:
-        tensors = [p for _, p in self.consumer_weights()]
+        # Runs on every cached eval-mode call: the tensors are read straight from the module dicts.
+        tensors = [module._parameters[attr] for _, module, attr in self._consumer_slots()]
         for a in active:
-            tensors.extend((self.rules(a), self.alore_B[a], self.alore_C[a]))  # the stored tensors, not views
+            tensors.extend(self._stored(a))  # the stored tensors, not views
         return (
             tuple(active),
             tuple(self.scaling[a] for a in active),
@@ -484,8 +494,8 @@ class AloreLayer(BaseTunerLayer):
         if axis != -1:
             h = h.movedim(axis, -1)  # (..., features)
             base = None if base is None else base.movedim(axis, -1)
-        dtype = functional.compute_dtype(h, Bt)
-        out = functional.apply_stored(h, self._mix(name, A, dtype), Bt, C, base, residual, dtype)
+        dtype, autocast = functional.call_dtype(h, Bt)
+        out = functional.apply_stored(h, self._mix(name, A, dtype), Bt, C, base, residual, dtype, autocast)
         if axis == -1:
             return out
         # Back to the input's layout: the wrapped convolution then runs as it would on its own input.
@@ -580,7 +590,7 @@ class Linear(nn.Module, AloreLayer):
     out_features = out_dim
 
     def _run_folded(self, weights: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> torch.Tensor:
-        return nn.functional.linear(args[0], weights["weight"], self.get_base_layer().bias)
+        return nn.functional.linear(args[0], weights["weight"], self._modules["base_layer"]._parameters["bias"])
 
     def _factored(self, active: list[str], x: torch.Tensor, key: Optional[str], args: tuple, kwargs: dict) -> Any:
         # One adapter on a frozen nn.Linear: the layer and its adapter in one function (fewer operators).
@@ -593,7 +603,8 @@ class Linear(nn.Module, AloreLayer):
             frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
             if frozen and (autocast or weight.dtype == dtype == x.dtype):
                 sequential = self.mode[name] == "sequential"
-                return functional.linear_stored(x, weight, bias, self._mix(name, A, dtype), Bt, C, sequential, dtype)
+                mix = self._mix(name, A, dtype)
+                return functional.linear_stored(x, weight, bias, mix, Bt, C, sequential, dtype, autocast)
         return super()._factored(active, x, key, args, kwargs)
 
     # nn.Module comes first in the MRO, so its placeholders must be pointed at AloreLayer's.
@@ -662,8 +673,8 @@ class Conv2d(nn.Module, AloreLayer):
     padding_mode = _conv_attribute("padding_mode")
 
     def _run_folded(self, weights: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> torch.Tensor:
-        base = self.get_base_layer()
-        return base._conv_forward(args[0], weights["weight"], base.bias)
+        base = self._modules["base_layer"]
+        return base._conv_forward(args[0], weights["weight"], base._parameters["bias"])
 
     def _use_fold(self, active: list[str], x: torch.Tensor) -> bool:
         path = self._path(active)
