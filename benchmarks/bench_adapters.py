@@ -56,7 +56,7 @@ Examples::
 
     python benchmarks/bench_adapters.py --quick                    # smoke test: tiny ViT, under a minute
     python benchmarks/bench_adapters.py --batch-sizes 1 --reps 7   # ViT-B/16 on CPU
-    python benchmarks/bench_adapters.py --proxy --reps 21          # the dispatch-bound regime (GPU proxy)
+    python benchmarks/bench_adapters.py --proxy --reps 101         # the dispatch-bound regime (GPU proxy)
     python benchmarks/bench_adapters.py --device cuda --batch-sizes 8 64 --dtypes bfloat16 float32
     python benchmarks/bench_adapters.py --from-json a.json b.json --plot ratios.png   # re-render, no measuring
 

@@ -16,6 +16,8 @@ import copy
 import importlib
 import json
 import os
+import pickle
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -367,13 +369,40 @@ def test_one_rule_mix_per_adapter_and_forward_and_nothing_kept_after(monkeypatch
     model(pixel_values=x).logits.sum().backward()
     assert len(built) == 1
     mixes = model.base_model._rule_mixes
-    assert mixes._built == {} and mixes._depth == 0
+    assert mixes.built == {} and mixes.depth == 0
     model.base_model(pixel_values=x)  # the tuner's own forward opens the same scope
     assert len(built) == 2
     layer = next(m for m in model.modules() if isinstance(m, L.AloreLayer))
     h = torch.randn(2, 17, layer.in_dim)
     layer(h), layer(h)  # outside a model forward: every call builds its own
     assert len(built) == 4
+
+
+def test_rule_mix_scopes_belong_to_their_thread():
+    # nn.DataParallel runs replicas that share one RuleMixes in threads: a scope is the opening thread's alone.
+    mixes = L.RuleMixes()
+    A = torch.randn(4, 4, 4)
+    inside, seen = threading.Event(), {}
+
+    def other_thread():
+        inside.wait()
+        seen["outside"] = mixes.get(A, 2, torch.float32, 1.0)  # no scope of its own: a new mix
+        with mixes.scope():
+            seen["depth"] = mixes.depth
+            seen["own"] = mixes.get(A, 2, torch.float32, 1.0)
+            seen["again"] = mixes.get(A, 2, torch.float32, 1.0)
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    with mixes.scope():
+        mine = mixes.get(A, 2, torch.float32, 1.0)
+        inside.set()
+        worker.join()
+        assert mixes.get(A, 2, torch.float32, 1.0) is mine and mixes.depth == 1 and len(mixes.built) == 1
+    assert seen["outside"] is not mine and seen["own"] is not mine and seen["again"] is seen["own"]
+    assert seen["depth"] == 1 and mixes.depth == 0 and mixes.built == {}
+    torch.testing.assert_close(seen["own"].matrix, mine.matrix, rtol=0, atol=0)
+    assert copy.deepcopy(mixes).depth == 0 and pickle.loads(pickle.dumps(mixes)).built == {}
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])

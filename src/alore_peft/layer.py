@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from typing import Any, Iterator, Optional
 
 import torch
@@ -50,36 +51,56 @@ class RuleMixes:
     buffer. Outside a scope (a layer called on its own, or recomputed by
     gradient checkpointing after the forward) each call builds its own: the
     same values, two more operators. Nothing outlives the scope, so a cached
-    mix never sees rules that changed since.
+    mix never sees rules that changed since. Scopes belong to the thread that
+    opened them: ``nn.DataParallel`` runs its replicas, which share this
+    object, in threads of their own.
     """
 
     def __init__(self) -> None:
-        self._depth = 0
-        self._built: dict[tuple, functional.RuleMix] = {}
+        self._local = threading.local()
+
+    @property
+    def depth(self) -> int:
+        """How many scopes the calling thread has open."""
+        return getattr(self._local, "depth", 0)
+
+    @property
+    def built(self) -> dict[tuple, functional.RuleMix]:
+        """The mixes the calling thread's open scope has built (empty outside a scope)."""
+        return getattr(self._local, "built", {}) if self.depth else {}
 
     @contextlib.contextmanager
     def scope(self) -> Iterator[None]:
-        """Share each adapter's mix between the calls made inside (re-entrant)."""
-        self._depth += 1
+        """Share each adapter's mix between the calls this thread makes inside (re-entrant)."""
+        local = self._local
+        depth = getattr(local, "depth", 0)
+        if not depth:
+            local.built = {}
+        local.depth = depth + 1
         try:
             yield
         finally:
-            self._depth -= 1
-            if not self._depth:
-                self._built = {}
+            local.depth -= 1
+            if not local.depth:
+                local.built = {}
 
     def get(self, A: torch.Tensor, r: int, dtype: torch.dtype, scale: float) -> functional.RuleMix:
         """The mix of rules ``A`` for rank ``r`` and ``scale`` in ``dtype``: shared inside a scope, else new."""
-        if not self._depth or torch.compiler.is_compiling():
+        local = self._local
+        if not getattr(local, "depth", 0) or torch.compiler.is_compiling():
             return functional.rule_mix(A, r, dtype, scale)
         key = (id(A), r, dtype, scale, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-        mix = self._built.get(key)
+        built = local.built
+        mix = built.get(key)
         if mix is None:
-            mix = self._built[key] = functional.rule_mix(A, r, dtype, scale)
+            mix = built[key] = functional.rule_mix(A, r, dtype, scale)
         return mix
 
     def __getstate__(self) -> dict:
-        return {"_depth": 0, "_built": {}}  # a copy or a pickle starts outside any forward
+        return {}  # a copy or a pickle starts outside any forward
+
+    def __setstate__(self, state: dict) -> None:
+        self._local = threading.local()
 
     def __deepcopy__(self, memo: dict) -> "RuleMixes":
         return RuleMixes()
