@@ -158,19 +158,64 @@ def test_float32_layer_under_bfloat16_autocast_matches_kron(case, mode, path):
     assert grad_x.dtype == torch.float32 and torch.isfinite(grad_x).all()
 
 
-def test_auto_path_folds_only_without_gradients():
+def test_auto_path_picks_per_call_and_folds_in_training_only_where_the_mixing_outgrows_the_layer():
     case = LAYER_CASES[0]
-    layer = make_layer(case, "parallel", "auto")
+    layer = make_layer(case, "parallel", "auto")  # 16 -> 24, n = 4, r = 2: mixing 32 values per token
     x = torch.randn(1, 4096, 16)
-    assert not layer._use_fold(["default"], x)  # training: factored
+    assert functional.fold_can_pay(16, 24, 4, 2)  # ... costs more per token than the 16 x 24 weight
+    training = functional.prefer_fold(4096, 16, 24, 4, 2, needs_grad=True)
+    assert training and layer._use_fold(["default"], x)  # training: the flop model decides, per call
+    assert not functional.prefer_fold(1, 16, 24, 4, 2, needs_grad=True) and not layer._use_fold(["default"], x[:, :1])
     layer.eval()
-    assert not layer._use_fold(["default"], x)  # gradients on: factored
+    assert layer._use_fold(["default"], x) == training  # gradients on: as in training
     with torch.no_grad():
         assert layer._use_fold(["default"], x)  # inference in eval mode: cached fold
     layer.train()
     with torch.no_grad():  # train mode without gradients: the flop model decides, per call
         assert layer._use_fold(["default"], x) == functional.prefer_fold(4096, 16, 24, 4, 2)
         assert not layer._use_fold(["default"], x[:, :1])
+    # The paper's sizes: the factored path is the cheaper per token, so training never folds.
+    wide = get_peft_model(nn.Sequential(nn.Linear(768, 768)), AloreConfig(r=4, num_experts=4, target_modules=["0"]))
+    assert not functional.fold_can_pay(768, 768, 4, 4, "sequential")
+    assert not wide.base_model.model[0]._use_fold(["default"], torch.randn(1, 4096, 768))
+
+
+@pytest.mark.parametrize("mode,targets", [("sequential", ["attention", "mlp"]), ("parallel", ["q_proj", "fc1"])],
+                         ids=["block", "parallel"])
+def test_training_folds_where_the_mixing_outgrows_the_layer_with_the_factored_gradients(mode, targets):
+    # r = 8, n = 4 on 32-wide layers: mixing n^2 r = 128 values per token costs more than the weights.
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    results = []
+    for path in ("auto", "factored"):
+        model = get_peft_model(tiny_vit(), AloreConfig(r=8, num_experts=4, mode=mode, target_modules=targets,
+                                                        init_weights=False, compute_path=path)).train()
+        folds = []
+
+        def record(layer, args, kwargs):  # the path each adapted layer takes for this call
+            folds.append(layer._use_fold(["default"], layer._find_input(args, kwargs)[0]))
+
+        for layer in (m for m in model.modules() if isinstance(m, L.AloreLayer)):
+            layer.register_forward_pre_hook(record, with_kwargs=True)
+        logits = model(pixel_values=x).logits
+        logits.square().sum().backward()
+        results.append((folds, logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (auto_folds, auto_out, auto_grads), (factored_folds, out, grads) = results
+    assert any(auto_folds) and not any(factored_folds)
+    assert_close(auto_out, out, torch.float32)
+    assert auto_grads.keys() == grads.keys() and any("alore_rules" in n for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(auto_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+@pytest.mark.parametrize("taps,channels_first", [(1, False), (9, True)])
+def test_fold_can_pay_bounds_the_cost_model(mode, taps, channels_first):
+    # Where fold_can_pay says no, prefer_fold never picks the fold with gradients, whatever the tokens.
+    for d_in, d_out, n, r in [(768, 768, 4, 4), (768, 3072, 4, 8), (64, 64, 4, 8), (16, 24, 4, 2), (768, 768, 16, 8)]:
+        can = functional.fold_can_pay(d_in, d_out, n, r, mode, taps, channels_first)
+        picks = [functional.prefer_fold(t, d_in, d_out, n, r, True, mode, taps, channels_first) for t in (1, 197, 10**6)]
+        assert can or not any(picks), (d_in, d_out, n, r)
+        assert not can or picks[-1], (d_in, d_out, n, r)  # and where it says yes, enough tokens make the fold pay
 
 
 # -- the folded-weight cache never serves a stale weight ---------------------------------
@@ -562,6 +607,16 @@ def test_bench_layer_quick_writes_json_and_table(tmp_path, monkeypatch, keep_thr
         assert set(report["ops"][precision]) == names - {"base"}
         assert all(o["kernel_ops"] > 0 for o in report["ops"][precision].values())
     assert "| alore_block |" in (tmp_path / "bench_layer.md").read_text()
+
+
+def test_bench_mix_size_quick_writes_json_and_table(tmp_path, monkeypatch, keep_threads):
+    bench = _load_benchmark("bench_mix_size", monkeypatch)
+    bench.main(["--quick", "--out-dir", str(tmp_path)])
+    rows = json.loads((tmp_path / "bench_mix_size.json").read_text())["rows"]
+    # n = 4, r = 2 on a 32-wide layer stays factored; r = 8 (mixing 128 values per token) folds.
+    assert [(row["mix"], row["auto_folds"]) for row in rows] == [(32, False), (128, True)]
+    assert all(row["factored_ms"] > 0 and row["auto_ms"] > 0 and row["auto_vs_factored"] > 0 for row in rows)
+    assert "| 64 | 4 | 8 | parallel | 128 | fold |" in (tmp_path / "bench_mix_size.md").read_text()
 
 
 def test_bench_conv_quick_writes_json_and_table(tmp_path, monkeypatch, keep_threads):

@@ -203,9 +203,15 @@ class AloreBlock(nn.Module, AloreLayer):
         # Folding needs the consumers, and replaces them for the whole call: only when the trace allows it.
         if self.trace is None or not self.trace.foldable:
             return False
-        if self._path(active) == "auto" and self.training:
-            return False  # training and no-grad train-mode calls run the factored path
+        if self.training and not torch.is_grad_enabled() and self._path(active) == "auto":
+            return False  # train-mode calls without gradients run the factored path
         return super()._use_fold(active, x)
+
+    def _fold_rows(self) -> int:
+        # Every consumer's rows (times its kernel taps): the fold builds all their weights.
+        return sum(
+            (w := module._parameters[attr]).numel() // w.shape[1] for _, module, attr in self._consumer_slots()
+        )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         needs_trace = self.trace is None or self.trace.source != "forward"

@@ -67,8 +67,11 @@ class AloreConfig(PeftConfig):
             singular values, different per expert) or ``"normal"``.
         compute_path: ``"auto"`` (default): linear layers and blocks run
             ``"factored"`` while training (``dW`` never built: three token-sized
-            matmuls per adapter), convolutions fold; in eval mode with
-            gradients off every layer serves from its folded weights,
+            matmuls per adapter), except where the rules' ``(n^2 r)^2`` mixing
+            costs more per token than the layer's weight (e.g. ``n = 16, r = 8``
+            on a 768-wide layer): there the cost model picks per call
+            (:func:`alore_peft.functional.prefer_fold`); convolutions fold; in
+            eval mode with gradients off every layer serves from its folded weights,
             ``W (I + s dW)`` or ``W + s dW``, cached until a weight changes (the
             merged model's cost, for one extra copy of each adapted weight).
             ``"factored"``: never fold, never cache (convolutions in parallel

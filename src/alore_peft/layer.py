@@ -162,6 +162,7 @@ class AloreLayer(BaseTunerLayer):
         self.__dict__["_shared_rules"] = shared_rules
         self.__dict__["_rule_mixes"] = rule_mixes if rule_mixes is not None else RuleMixes()
         self.__dict__["_fold_cache"] = None  # (key, {consumer name: folded weight})
+        self.__dict__["_fold_can_pay"] = {}  # adapter name -> functional.fold_can_pay for this layer
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
 
@@ -226,6 +227,7 @@ class AloreLayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: AloreConfig, module_name: str = "") -> None:
         """Create adapter ``adapter_name`` on this layer from ``config``."""
         self.check_config(config, module_name)
+        self._fold_can_pay.pop(adapter_name, None)
         if config.share_rules and (self._shared_rules is None or adapter_name not in self._shared_rules):
             raise ValueError(
                 f"Adapter '{adapter_name}' uses share_rules=True but no shared rule matrices were given to this "
@@ -415,6 +417,7 @@ class AloreLayer(BaseTunerLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._clear_cache()
+        self._fold_can_pay.pop(adapter_name, None)
         super().delete_adapter(adapter_name)
 
     # -- forward -----------------------------------------------------------
@@ -456,15 +459,33 @@ class AloreLayer(BaseTunerLayer):
         dropout = self._dropout_active(active)
         if path != "auto" or dropout:
             return path == "fold" and not dropout
-        if self._adapter_needs_grad(active) or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
             return False
-        if not self.training and not torch.is_grad_enabled():
+        needs_grad = self._adapter_needs_grad(active)
+        if needs_grad:
+            if not any(self._fold_can_pay_for(a) for a in active):
+                return False  # the factored path is the cheaper at any number of tokens (the paper's sizes)
+        elif not self.training and not torch.is_grad_enabled():
             return True  # cached across calls
         tokens = x.numel() // x.shape[self._feature_dim]
+        rows = self._fold_rows()
         return all(
-            functional.prefer_fold(tokens, self.in_dim, self.out_dim, self.num_experts[a], self.r[a], mode=self.mode[a])
+            functional.prefer_fold(tokens, self.in_dim, rows, self.num_experts[a], self.r[a], needs_grad, self.mode[a])
             for a in active
         )
+
+    def _fold_can_pay_for(self, adapter_name: str) -> bool:
+        """:func:`~alore_peft.functional.fold_can_pay` for this layer's adapter, worked out once."""
+        gates = self._fold_can_pay
+        gate = gates.get(adapter_name)
+        if gate is None:
+            n, r, mode = self.num_experts[adapter_name], self.r[adapter_name], self.mode[adapter_name]
+            gate = gates[adapter_name] = functional.fold_can_pay(self.in_dim, self.out_dim, n, r, mode)
+        return gate
+
+    def _fold_rows(self) -> int:
+        """Rows of the weights a fold builds (``d_out`` of a linear layer)."""
+        return self.out_dim
 
     def _cache_key(self, active: list[str]) -> tuple:
         # Runs on every cached eval-mode call: the tensors are read straight from the module dicts.
