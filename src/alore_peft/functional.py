@@ -928,13 +928,14 @@ def prefer_fold(
     r = 4`` on a 768-wide layer, 197 tokens, the fold took 2.8 times the
     factored path's time). On a ``channels_first`` input (a convolution's) the
     factored path instead moves the pixels to channels-last and back, counted
-    as ``32 * tokens * d_in``, and the build keeps its plain count (MobileNetV2's
-    pointwise convolutions train about 4 % slower with the factor). In practice: yes for inference on a few hundred
-    tokens or more; in training, no for a linear layer or block at the paper's
-    sizes and yes where the rules' ``(n^2 r)^2`` mixing outgrows the layer
-    (``n = 16, r = 8`` on a 768-wide layer; :func:`fold_can_pay`); for a
-    convolution in training, yes where the pixels are many and the channels
-    few, no deep in a network where it is the other way round.
+    as ``32 * tokens * d_in``, and the build keeps its plain count
+    (MobileNetV2's pointwise convolutions train about 4 % slower with the
+    factor). In practice: yes for inference on a few hundred tokens or more; in
+    training, no for a linear layer or block at the paper's sizes and yes where
+    the rules' ``(n^2 r)^2`` mixing outgrows the layer (``n = 16, r = 8`` on a
+    768-wide layer; :func:`fold_can_pay`); for a convolution in training, yes
+    where the pixels are many and the channels few, no deep in a network where
+    it is the other way round.
     """
     fold = fold_flops(tokens, d_in, d_out, n, r, needs_grad, mode, taps) + 16 * d_out * d_in * taps
     if needs_grad and not channels_first:
