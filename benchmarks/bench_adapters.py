@@ -236,6 +236,20 @@ def add_denormal_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_cpu_run_flags(parser: argparse.ArgumentParser, quick_help: str) -> None:
+    """The flags the one-layer, convolution and mix-size benchmarks share (:func:`start_cpu_run` applies them)."""
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    add_denormal_flag(parser)
+
+
+def start_cpu_run(args: argparse.Namespace) -> bool:
+    """Apply ``--threads`` and ``--keep-denormals``; return whether subnormal floats are flushed."""
+    torch.set_num_threads(args.threads)
+    return set_cpu_denormals(args.keep_denormals)
+
+
 def set_cpu_denormals(keep: bool) -> bool:
     """Flush subnormal floats to zero on the CPU unless ``keep``; return whether they are flushed.
 

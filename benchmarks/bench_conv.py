@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adapters import Runner, add_denormal_flag, device_name, set_cpu_denormals, summary  # noqa: E402
+from bench_adapters import Runner, add_cpu_run_flags, device_name, start_cpu_run, summary  # noqa: E402
 from bench_adapters import time_interleaved  # noqa: E402
 from opcount import count_ops  # noqa: E402
 
@@ -172,16 +172,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--sizes", nargs="+", type=int, default=None, help="image sizes (default 56 112; quick 32)")
     p.add_argument("--batch", type=int, default=None, help="default 32 (quick 2)")
     p.add_argument("--reps", type=int, default=None, help="default 7 (quick 1)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="narrow backbones, small images: a smoke test")
-    p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
-    add_denormal_flag(p)
+    add_cpu_run_flags(p, "narrow backbones, small images: a smoke test")
     args = p.parse_args(argv)
     args.sizes = args.sizes or ([32] if args.quick else [56, 112])
     args.batch = args.batch or (2 if args.quick else 32)
     args.reps = args.reps or (1 if args.quick else 7)
-    torch.set_num_threads(args.threads)
-    flush = set_cpu_denormals(args.keep_denormals)
+    flush = start_cpu_run(args)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

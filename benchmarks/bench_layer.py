@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adapters import Runner, add_denormal_flag, device_name, set_cpu_denormals, summary  # noqa: E402
+from bench_adapters import Runner, add_cpu_run_flags, device_name, start_cpu_run, summary  # noqa: E402
 from bench_adapters import time_interleaved  # noqa: E402
 from opcount import count_ops  # noqa: E402
 
@@ -186,13 +186,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=197 * 8, help="tokens per call (default 197 x 8)")
     p.add_argument("--reps", type=int, default=None, help="repetitions (default 10, quick 3)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="a 64-wide module, few tokens and repetitions")
-    p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
-    add_denormal_flag(p)
+    add_cpu_run_flags(p, "a 64-wide module, few tokens and repetitions")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    flush = set_cpu_denormals(args.keep_denormals)
+    flush = start_cpu_run(args)
     reps = args.reps or (3 if args.quick else 10)
     d, mlp = (64, 256) if args.quick else (768, 3072)
     tokens = 64 if args.quick else args.tokens

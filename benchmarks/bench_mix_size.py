@@ -28,8 +28,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adapters import Runner, add_denormal_flag, device_name, set_cpu_denormals, summary  # noqa: E402
+from bench_adapters import Runner, add_cpu_run_flags, device_name, start_cpu_run, summary  # noqa: E402
 from bench_adapters import time_interleaved  # noqa: E402
+from bench_layer import train_call  # noqa: E402
 
 # (n, r, mode): the paper's size first, then mixes that outgrow a 768-wide layer.
 CONFIGS = [(4, 4, "sequential"), (8, 8, "sequential"), (16, 4, "sequential"), (8, 8, "parallel"), (16, 8, "parallel")]
@@ -46,18 +47,6 @@ def build(width: int, n: int, r: int, mode: str, path: str) -> nn.Module:
     return get_peft_model(nn.Sequential(nn.Linear(width, width)), config).train()
 
 
-def train_call(model: nn.Module, x: torch.Tensor):
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def step() -> None:
-        model(x).square().mean().backward()
-        x.grad = None
-        for p in params:
-            p.grad = None
-
-    return step
-
-
 def auto_folds(model: nn.Module, x: torch.Tensor) -> bool:
     layer = model.base_model.model[0]
     return layer._use_fold(layer._active(), x)
@@ -68,13 +57,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--width", type=int, default=768)
     p.add_argument("--tokens", type=int, nargs="+", default=[197 * 8, 197])
     p.add_argument("--reps", type=int, default=None, help="repetitions (default 7, quick 2)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="a 32-wide layer, few tokens and repetitions")
-    p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
-    add_denormal_flag(p)
+    add_cpu_run_flags(p, "a 32-wide layer, few tokens and repetitions")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    flush = set_cpu_denormals(args.keep_denormals)
+    flush = start_cpu_run(args)
     width, tokens_list = (32, [64]) if args.quick else (args.width, args.tokens)
     reps = args.reps or (2 if args.quick else 7)
     rows = []
