@@ -181,7 +181,7 @@ def reference_delta_weight(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, sc
 
 
 def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
-    """``t`` as a contiguous ``(-1, width)`` matrix: one view when ``t`` is contiguous, else a copy."""
+    """``t`` as a ``(-1, width)`` matrix: one view when ``t`` is contiguous, else a contiguous copy."""
     return t.view(-1, width) if t.is_contiguous() else t.reshape(-1, width).contiguous()
 
 
@@ -348,10 +348,10 @@ def rule_mix(A: torch.Tensor, r: int, dtype: torch.dtype, scale: float = 1.0) ->
 
 
 def _down_mix(x: torch.Tensor, c2: torch.Tensor, m: torch.Tensor) -> tuple:
-    """``(blocks, z, u)``: ``x``'s blocks ``(T n, q_in)``, projected ``(T, (j, i, r))``, mixed ``z @ M``."""
+    """``(blocks, z, u)``: ``x``'s blocks ``(T n, q_in)``, projected ``(T, (j, i, r))``, mixed ``z @ M`` as ``(T n, (i, r))``."""
     blocks = _rows(x, c2.shape[1])
     z = nn_linear(blocks, c2).view(-1, m.shape[0])  # blocks @ C^T, then (T, (j, i, r))
-    return blocks, z, torch.mm(z, m)
+    return blocks, z, torch.mm(z, m).view(-1, c2.shape[0])
 
 
 def _factor_grads(ctx, g_blocks: torch.Tensor, need_gz: bool, saved: tuple) -> tuple:
@@ -359,9 +359,9 @@ def _factor_grads(ctx, g_blocks: torch.Tensor, need_gz: bool, saved: tuple) -> t
 
     ``gz`` is ``(T n, n r)``; ``gB`` and ``gC`` come out in the stored ``(n, r, d / n)`` layouts.
     """
-    blocks, z, u, m, b2, c2 = saved[:6]
+    blocks, z, u, m, b2 = saved[:5]
     need_m, need_b, need_c = ctx.needs_input_grad[ctx.factor_slots]
-    nr = c2.shape[0]
+    _, _, b_shape, b_dtype, c_shape, c_dtype = ctx.meta
     gz = gm = gb = gc = None
     if need_gz or need_c or need_m:
         gu = nn_linear(g_blocks, b2).view(z.shape)  # g @ B: (T, (p, i, r))
@@ -371,32 +371,29 @@ def _factor_grads(ctx, g_blocks: torch.Tensor, need_gz: bool, saved: tuple) -> t
             else:
                 gm = torch.mm(z.t(), gu)
         if need_gz or need_c:
-            gz = nn_linear(gu, m).view(-1, nr)  # gu @ M^T, as (T n, (i, r))
+            gz = nn_linear(gu, m).view(u.shape)  # gu @ M^T, as (T n, (i, r))
             if need_c:
-                gc = _cast(torch.mm(gz.t(), blocks).view(ctx.c_shape), ctx.c_dtype)
+                gc = _cast(torch.mm(gz.t(), blocks).view(c_shape), c_dtype)
     if need_b:
-        gb = _cast(torch.mm(u.view(-1, nr).t(), g_blocks).view(ctx.b_shape), ctx.b_dtype)
+        gb = _cast(torch.mm(u.t(), g_blocks).view(b_shape), b_dtype)
     return gz, gm, gb, gc
 
 
 def _factors2(bt: torch.Tensor, C: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``B`` as ``(n r, d_out / n)`` and ``C`` as ``(n r, d_in / n)`` in ``dtype`` (views of contiguous factors)."""
-    n, r = C.shape[0], C.shape[1]
-    return _cast(bt, dtype).reshape(n * r, bt.shape[2]), _cast(C, dtype).reshape(n * r, C.shape[2])
+    nr = C.shape[0] * C.shape[1]
+    return _cast(bt, dtype).reshape(nr, bt.shape[2]), _cast(C, dtype).reshape(nr, C.shape[2])
 
 
-def _autocast_off(on: bool, device_type: str, fn, *args):
-    """``fn(*args)`` with autocast (``on`` for ``device_type``) switched off: the factored functions pick their dtypes themselves."""
-    if on:
-        with torch.autocast(device_type, enabled=False):
-            return fn(*args)
-    return fn(*args)
+def _save(ctx, x: torch.Tensor, bt: torch.Tensor, C: torch.Tensor, spec: tuple, *tensors: torch.Tensor) -> None:
+    """What both factored functions keep for their backward: ``tensors``, and the shapes and dtypes to give back."""
+    ctx.save_for_backward(*tensors)
+    ctx.dtype, ctx.sink, ctx.device_type = spec[1], spec[3], x.device.type
+    ctx.meta = (x.shape, x.dtype, bt.shape, bt.dtype, C.shape, C.dtype)
 
 
-def _prepare(ctx, bt: torch.Tensor, C: torch.Tensor, x: torch.Tensor, spec: tuple) -> None:
-    ctx.dtype, ctx.sink = spec[-3], spec[-1]
-    ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-    ctx.b_shape, ctx.b_dtype, ctx.c_shape, ctx.c_dtype = bt.shape, bt.dtype, C.shape, C.dtype
+# Each function's forward and backward switch autocast off around their body when it is on (they pick their
+# dtypes themselves); the check is inline, as these run once per adapted layer and step.
 
 
 class _FactoredDelta(torch.autograd.Function):
@@ -409,41 +406,43 @@ class _FactoredDelta(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, m, bt, C, base, spec):  # noqa: D102
-        return _autocast_off(spec[2], x.device.type, _FactoredDelta._forward, ctx, x, m, bt, C, base, spec)
+        if spec[2]:
+            with torch.autocast(x.device.type, enabled=False):
+                return _FactoredDelta._forward(ctx, x, m, bt, C, base, spec)
+        return _FactoredDelta._forward(ctx, x, m, bt, C, base, spec)
 
     @staticmethod
     def _forward(ctx, x, m, bt, C, base, spec):
-        residual, dtype, autocast, _ = spec
-        n = C.shape[0]
+        residual, dtype, autocast = spec[0], spec[1], spec[2]
         b2, c2 = _factors2(bt, C, dtype)
         xc = _cast(x, dtype)
         blocks, z, u = _down_mix(xc, c2, m)
-        u2 = u.view(-1, b2.shape[0])  # (T n, (i, r))
         # Under autocast x + s dW x comes out in the autocast dtype, which its consumers would cast it to.
         acc = (xc if autocast else x) if residual else base
         fused = acc is not None and acc.dtype == dtype
         if acc is None:
-            out = torch.mm(u2, b2)  # (T n, d_out / n)
+            out = torch.mm(u, b2)  # (T n, d_out / n)
         elif fused:
-            out = torch.addmm(blocks if acc is xc else _rows(acc, b2.shape[1]), u2, b2)
+            out = torch.addmm(blocks if acc is xc else _rows(acc, b2.shape[1]), u, b2)
         else:  # e.g. a float32 adapter beside a bfloat16 base layer: add in the base's dtype
-            out = _rows(acc, b2.shape[1]) + torch.mm(u2, b2).to(acc.dtype)
-        ctx.save_for_backward(blocks, z, u, m, b2, c2)
-        _prepare(ctx, bt, C, x, spec)
+            out = _rows(acc, b2.shape[1]) + torch.mm(u, b2).to(acc.dtype)
+        _save(ctx, x, bt, C, spec, blocks, z, u, m, b2, c2)
         ctx.residual, ctx.fused, ctx.factor_slots = residual, fused, slice(1, 4)
-        return out.view(*x.shape[:-1], n * b2.shape[1])
+        return out.view(*x.shape[:-1], C.shape[0] * b2.shape[1])
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        return _autocast_off(_autocast_on(grad.device.type), grad.device.type, _FactoredDelta._backward, ctx, grad)
+        if _autocast_on(ctx.device_type):
+            with torch.autocast(ctx.device_type, enabled=False):
+                return _FactoredDelta._backward(ctx, grad)
+        return _FactoredDelta._backward(ctx, grad)
 
     @staticmethod
     def _backward(ctx, grad):
         need_x, need_base = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
         saved = ctx.saved_tensors
-        c2 = saved[5]
-        q_out, q_in = saved[4].shape[1], c2.shape[1]
-        g_blocks = _rows(_cast(grad, ctx.dtype), q_out)  # (T n, d_out / n)
+        b2, c2 = saved[4], saved[5]
+        g_blocks = _rows(_cast(grad, ctx.dtype), b2.shape[1])  # (T n, d_out / n)
         gz, gm, gb, gc = _factor_grads(ctx, g_blocks, need_x, saved)
         gx = None
         if need_x:
@@ -452,8 +451,8 @@ class _FactoredDelta(torch.autograd.Function):
             else:
                 gx = torch.mm(gz, c2)
                 if ctx.residual:  # the identity path keeps the input's dtype
-                    gx = _rows(grad, q_in) + gx.to(grad.dtype)
-            gx = _cast(gx.view(ctx.x_shape), ctx.x_dtype)
+                    gx = _rows(grad, c2.shape[1]) + gx.to(grad.dtype)
+            gx = _cast(gx.view(ctx.meta[0]), ctx.meta[1])
         return gx, gm, gb, gc, (grad if need_base else None), None
 
 
@@ -468,29 +467,33 @@ class _FactoredLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, m, bt, C, spec):  # noqa: D102
-        return _autocast_off(spec[2], x.device.type, _FactoredLinear._forward, ctx, x, weight, bias, m, bt, C, spec)
+        if spec[2]:
+            with torch.autocast(x.device.type, enabled=False):
+                return _FactoredLinear._forward(ctx, x, weight, bias, m, bt, C, spec)
+        return _FactoredLinear._forward(ctx, x, weight, bias, m, bt, C, spec)
 
     @staticmethod
     def _forward(ctx, x, weight, bias, m, bt, C, spec):
         sequential, dtype = spec[0], spec[1]
         b2, c2 = _factors2(bt, C, dtype)
-        xc, wc, bc = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
+        xc, wc = _cast(x, dtype), _cast(weight, dtype)
         blocks, z, u = _down_mix(xc, c2, m)
-        u2 = u.view(-1, b2.shape[0])  # (T n, (i, r))
         if sequential:
-            h = torch.addmm(blocks, u2, b2)  # x + s dW x: (T n, q_in)
-            out = nn_linear(h.view(xc.shape), wc, bc)
+            h = torch.addmm(blocks, u, b2)  # x + s dW x: (T n, q_in)
+            out = nn_linear(h.view(xc.shape), wc, _cast(bias, dtype))
         else:
-            out = nn_linear(xc, wc, bc)
-            out.view(-1, b2.shape[1]).addmm_(u2, b2)  # a fresh tensor of this function's own: updated in place
-        ctx.save_for_backward(blocks, z, u, m, b2, c2, wc)
-        _prepare(ctx, bt, C, x, spec)
+            out = nn_linear(xc, wc, _cast(bias, dtype))
+            out.view(-1, b2.shape[1]).addmm_(u, b2)  # a fresh tensor of this function's own: updated in place
+        _save(ctx, x, bt, C, spec, blocks, z, u, m, b2, c2, wc)
         ctx.sequential, ctx.factor_slots = sequential, slice(3, 6)
         return out
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        return _autocast_off(_autocast_on(grad.device.type), grad.device.type, _FactoredLinear._backward, ctx, grad)
+        if _autocast_on(ctx.device_type):
+            with torch.autocast(ctx.device_type, enabled=False):
+                return _FactoredLinear._backward(ctx, grad)
+        return _FactoredLinear._backward(ctx, grad)
 
     @staticmethod
     def _backward(ctx, grad):
@@ -504,7 +507,7 @@ class _FactoredLinear(torch.autograd.Function):
         gx = None
         if need_x:
             g_in.view(-1, c2.shape[1]).addmm_(gz, c2)  # both paths, in place
-            gx = _cast(g_in.view(ctx.x_shape), ctx.x_dtype)
+            gx = _cast(g_in.view(ctx.meta[0]), ctx.meta[1])
         return gx, None, None, gm, gb, gc, None
 
 
