@@ -21,6 +21,9 @@ folded weights). Everything is interleaved and repeated; reported are
 wall-clock medians (with quartiles), CPU-time medians, and the operators of one
 call (``benchmarks/opcount.py``) in float32 and under bfloat16 autocast, with
 the adapter's share (the frozen module's own subtracted) beside LoRA's.
+A third measurement, ``host_cost``, is the host time each adapted layer adds
+to a call where the arithmetic is negligible (5 tokens, width 64): what an
+adapter costs to dispatch, forward alone and forward plus backward.
 
     python benchmarks/bench_layer.py                 # 197 x 8 tokens per call
     python benchmarks/bench_layer.py --quick         # small and fast (smoke test)
@@ -30,9 +33,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -47,6 +53,7 @@ from bench_adapters import time_interleaved  # noqa: E402
 from opcount import count_ops  # noqa: E402
 
 R, N = 4, 4
+HOST_WIDTH, HOST_TOKENS = 64, 5  # host_cost: arithmetic of a few microseconds per operator
 
 
 class Attention(nn.Module):
@@ -98,18 +105,23 @@ def configs() -> dict:
 LORA_OF = {"alore_par": "lora", "alore_par_fc1": "lora_fc1", "alore_seq": "lora", "alore_block": "lora"}
 
 
-def build(name: str, d: int, mlp: int, seed: int = 0, blocks: int = 1) -> nn.Module:
-    """``HalfBlock`` (``blocks`` of them in a row) with variant ``name``'s adapter (the same random weights for every variant)."""
+def build(name: str, d: int, mlp: int, seed: int = 0, blocks: int = 1, compute_path: Optional[str] = None) -> nn.Module:
+    """``HalfBlock`` (``blocks`` of them in a row) with variant ``name``'s adapter (the same random weights for every variant).
+
+    ``compute_path`` overrides an ALoRE variant's (``AloreConfig.compute_path``).
+    """
     from peft import get_peft_model
 
     import alore_peft  # noqa: F401  (registers ALoRE with PEFT)
 
     torch.manual_seed(seed)
     model = HalfBlock(d, mlp) if blocks == 1 else nn.Sequential(*(HalfBlock(d, mlp) for _ in range(blocks)))
-    cfg = configs()[name]
+    cfg = copy.deepcopy(configs()[name])
     if cfg is None:
         return model.requires_grad_(False)
-    return get_peft_model(model, copy.deepcopy(cfg))
+    if compute_path is not None and name.startswith("alore"):
+        cfg.compute_path = compute_path
+    return get_peft_model(model, cfg)
 
 
 def train_call(model: nn.Module, x: torch.Tensor, autocast: bool = False) -> Callable[[], None]:
@@ -126,6 +138,62 @@ def train_call(model: nn.Module, x: torch.Tensor, autocast: bool = False) -> Cal
             p.grad = None
 
     return step
+
+
+def forward_call(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """A training-mode forward alone: the autograd graph is built and dropped, no backward."""
+    model.train()
+
+    def forward() -> None:
+        model(x)
+
+    return forward
+
+
+def host_cost(reps: int, calls: int, names: list[str], d: int = 64, tokens: int = 5, chain: int = 5) -> dict:
+    """Host time each adapted layer adds to a call, in microseconds: ``{variant: {"forward": ..., "train": ...}}``.
+
+    With 5 tokens at width 64 an adapter's arithmetic is a few microseconds,
+    so a call costs what its operators cost to issue: Python, the ATen
+    dispatcher, autograd; what a GPU's host pays per layer at small batch.
+    ALoRE runs its factored path, as at ViT-B's widths (at width 64 the fold
+    gate would fold instead). Each variant's chain of ``chain`` half-blocks is
+    timed with its adapters enabled and disabled in turn (the same model, so
+    the same memory), ``calls`` calls per sample, ``reps`` samples, the order
+    alternating; the median difference per block is what an adapted layer
+    adds: its training forward alone (``forward``: the graph built, no
+    backward) and forward plus backward (``train``), the once-per-forward work
+    of ALoRE's shared rules spread over the chain.
+    """
+    x = torch.randn(1, tokens, d, requires_grad=True)
+    cases = {}
+    for name in names:
+        if name == "base":
+            continue
+        model = build(name, d, 2 * d, blocks=chain, compute_path="factored")
+        cases[name] = (model, {"forward": forward_call(model, x), "train": train_call(model, x)})
+    diffs = {(n, regime): [] for n in cases for regime in ("forward", "train")}
+    gc.collect()
+    gc.disable()
+    try:
+        for rep in range(reps + 1):  # the first round warms up
+            for name, (model, regimes) in cases.items():
+                for regime, call in regimes.items():
+                    seconds = {}
+                    for enabled in (True, False) if rep % 2 else (False, True):
+                        tuner = model.base_model
+                        tuner.enable_adapter_layers() if enabled else tuner.disable_adapter_layers()
+                        call()
+                        start = time.perf_counter()
+                        for _ in range(calls):
+                            call()
+                        seconds[enabled] = time.perf_counter() - start
+                    model.base_model.enable_adapter_layers()
+                    if rep:
+                        diffs[(name, regime)].append((seconds[True] - seconds[False]) / calls / chain * 1e6)
+    finally:
+        gc.enable()
+    return {n: {regime: statistics.median(diffs[(n, regime)]) for regime in ("forward", "train")} for n in cases}
 
 
 def infer_call(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -186,6 +254,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=197 * 8, help="tokens per call (default 197 x 8)")
     p.add_argument("--reps", type=int, default=None, help="repetitions (default 10, quick 3)")
+    p.add_argument("--host-reps", type=int, default=None,
+                   help="samples of the host-time measurement (5 tokens, width 64; default 21, quick 3)")
     add_cpu_run_flags(p, "a 64-wide module, few tokens and repetitions")
     args = p.parse_args(argv)
     flush = start_cpu_run(args)
@@ -222,6 +292,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
         report["ops"][key] = {n: adapter_ops(n, d, mlp, tokens=8, autocast=autocast) for n in names if n != "base"}
         log(f"ops ({key}): " + ", ".join(f"{n} {o['aten_ops']} ({o['kernel_ops']})" for n, o in
                                          report["ops"][key].items()))
+    # Host time: one thread, as the dispatch-bound proxy of bench_adapters.py runs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    host_reps = args.host_reps or (3 if args.quick else 21)
+    report["host_us"] = host_cost(host_reps, 5 if args.quick else 50, names, d=HOST_WIDTH, tokens=HOST_TOKENS)
+    report["meta"].update(host_reps=host_reps, host_width=HOST_WIDTH, host_tokens=HOST_TOKENS)
+    torch.set_num_threads(threads)
+    log("host us per layer (forward / train): " + ", ".join(
+        f"{n} {h['forward']:.1f} / {h['train']:.1f}" for n, h in report["host_us"].items()))
     x = torch.randn(1, tokens, d, requires_grad=True)  # (batch, tokens, features)
     models = {n: build(n, d, mlp) for n in names}
     for regime in ("train", "infer"):
@@ -295,6 +374,23 @@ def markdown(report: dict) -> str:
         f"Merged vs unmerged outputs agree to {report['max_abs_diff_merged']:.1e} (max abs difference).",
         "",
     ]
+    host = report.get("host_us")
+    if host:
+        lines += [
+            f"Host time each adapted layer adds to a call (microseconds; {meta['host_tokens']} tokens, width "
+            f"{meta['host_width']}, one thread, {meta['host_reps']} samples, adapters on minus off on the same "
+            "model; `host_cost`): the training forward alone, then forward plus backward, beside the LoRA on the "
+            "same layer.",
+            "",
+            "| variant | forward us | LoRA's | train us | LoRA's | train x LoRA |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for n, h in host.items():
+            lora = host.get(LORA_OF.get(n, ""))
+            ratio = f"{h['train'] / lora['train']:.2f}" if lora else "-"
+            theirs = (f"{lora['forward']:.1f}", f"{lora['train']:.1f}") if lora else ("-", "-")
+            lines.append(f"| {n} | {h['forward']:.1f} | {theirs[0]} | {h['train']:.1f} | {theirs[1]} | {ratio} |")
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import math
 import os
 import pickle
 import threading
@@ -606,7 +607,11 @@ def test_bench_layer_quick_writes_json_and_table(tmp_path, monkeypatch, keep_thr
     for precision in ("float32", "bfloat16_autocast"):
         assert set(report["ops"][precision]) == names - {"base"}
         assert all(o["kernel_ops"] > 0 for o in report["ops"][precision].values())
-    assert "| alore_block |" in (tmp_path / "bench_layer.md").read_text()
+    host = report["host_us"]  # per adapted layer, adapters on minus off on the same model
+    assert set(host) == names - {"base"}
+    assert all(math.isfinite(h[regime]) for h in host.values() for regime in ("forward", "train"))
+    table = (tmp_path / "bench_layer.md").read_text()
+    assert "| alore_block |" in table and "Host time each adapted layer adds" in table
 
 
 def test_bench_mix_size_quick_writes_json_and_table(tmp_path, monkeypatch, keep_threads):
