@@ -25,14 +25,14 @@ from typing import Callable
 
 import pytest
 import torch
-from peft import get_peft_model
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import alore_peft.layer as L
 from alore_peft import AloreBlock, AloreConfig
 from alore_peft import functional
 
-from .models import tiny_vit
+from .models import tiny_vit, tiny_vit_config
 from .tolerances import assert_close
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -451,9 +451,34 @@ def test_rule_mix_scopes_belong_to_their_thread():
     assert copy.deepcopy(mixes).depth == 0 and pickle.loads(pickle.dumps(mixes)).built == {}
 
 
+def test_rule_mixes_in_a_backward_pass_are_shared_per_pass_and_rules_version():
+    mixes = L.RuleMixes()
+    A = torch.randn(4, 4, 4, requires_grad=True)
+    seen = []
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:  # runs inside the backward pass, as a recomputed layer does
+        first, again = mixes.get(A, 2, torch.float32, 1.0), mixes.get(A, 2, torch.float32, 1.0)
+        with torch.no_grad():
+            A.mul_(1.0)  # the rules change in place: a mix of the old values must not be served
+        seen.append((first, again, mixes.get(A, 2, torch.float32, 1.0)))
+        return grad
+
+    for _ in range(2):
+        y = A * 2.0
+        y.register_hook(hook)
+        y.sum().backward()
+    (first, again, changed), (next_pass, _, _) = seen
+    assert first is again and changed is not first and next_pass is not first
+    assert mixes.get(A, 2, torch.float32, 1.0) is not mixes.get(A, 2, torch.float32, 1.0)  # outside both: new
+    with mixes.scope():  # a forward starts afresh
+        assert mixes.get(A, 2, torch.float32, 1.0) is mixes.get(A, 2, torch.float32, 1.0)
+    assert mixes._local.recomputed is None
+
+
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
-    # Recomputed layers run outside the forward that built the shared mix: they build their own.
+    # Recomputed layers run after the forward that built the shared mix, inside the backward pass: they
+    # share one mix of their own per backward pass (reentrant: its gradient taken once per segment).
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     grads = []
     for checkpointing in (False, True):
@@ -467,6 +492,47 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
     assert grads[0].keys() == grads[1].keys() and any("alore_rules" in n for n in grads[0])
     for name, want in grads[0].items():
         torch.testing.assert_close(grads[1][name], want, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("reentrant,extra", [(False, 0), (True, 5)], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("mode,targets", [("sequential", ["attention", "mlp"]), ("parallel", ["q_proj", "v_proj"])],
+                         ids=["block", "parallel"])
+def test_recomputed_layers_share_one_rule_mix(mode, targets, reentrant, extra, monkeypatch):
+    # Gradient checkpointing recomputes each block inside the backward pass: that adds the block's forward
+    # to a step, for ALoRE as for LoRA, and no mix per recomputed layer. Reentrant checkpointing runs a
+    # backward pass per block, so the rules' gradient is joined and taken once per block: at most
+    # `extra` kernels more (the products joined, one matmul, one reduction, the addition into .grad).
+    opcount = _load_benchmark("opcount", monkeypatch)
+    from transformers import ViTForImageClassification
+
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def per_block(config, checkpointing: bool) -> int:
+        kernels = []
+        for layers in (2, 3):
+            vit_config = tiny_vit_config(64)
+            vit_config.num_hidden_layers = layers
+            torch.manual_seed(0)
+            model = get_peft_model(ViTForImageClassification(vit_config), copy.deepcopy(config))
+            if checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+                model.enable_input_require_grads()
+            model.train()
+            params = [p for p in model.parameters() if p.requires_grad]
+
+            def step(model=model, params=params) -> None:
+                model(pixel_values=x).logits.sum().backward()
+                for p in params:
+                    p.grad = None
+
+            kernels.append(opcount.count_ops(step).kernels)
+        return kernels[1] - kernels[0]
+
+    lora = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    alore = AloreConfig(r=4, num_experts=4, mode=mode, target_modules=targets, compute_path="factored")
+    recompute_lora = per_block(lora, True) - per_block(lora, False)
+    recompute_alore = per_block(alore, True) - per_block(alore, False)
+    assert recompute_alore <= recompute_lora + extra, (recompute_alore, recompute_lora)
 
 
 # -- compiling --------------------------------------------------------------------------

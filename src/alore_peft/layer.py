@@ -48,12 +48,14 @@ class RuleMixes:
     The tuner holds one and opens :meth:`scope` around each forward of the
     model; inside it, every layer call of one adapter (same rules, rank, scale,
     dtype and grad mode) shares one mixing matrix and one rule-gradient
-    buffer. Outside a scope (a layer called on its own, or recomputed by
-    gradient checkpointing after the forward) each call builds its own: the
-    same values, two more operators. Nothing outlives the scope, so a cached
-    mix never sees rules that changed since. Scopes belong to the thread that
-    opened them: ``nn.DataParallel`` runs its replicas, which share this
-    object, in threads of their own.
+    buffer. Gradient checkpointing recomputes layers after the forward, inside
+    the backward pass: those calls share one mix per backward pass
+    (``torch._C._current_graph_task_id``), kept until the thread's next
+    forward. A layer called on its own, outside both, builds its own: the same
+    values, two more operators. A shared mix never sees rules that changed
+    since it was built: the rules' version counter is part of its key. Scopes
+    belong to the thread that opened them: ``nn.DataParallel`` runs its
+    replicas, which share this object, in threads of their own.
     """
 
     def __init__(self) -> None:
@@ -76,6 +78,7 @@ class RuleMixes:
         depth = getattr(local, "depth", 0)
         if not depth:
             local.built = {}
+            local.recomputed = None  # a new forward: what the last backward pass recomputed is done with
         local.depth = depth + 1
         try:
             yield
@@ -85,12 +88,21 @@ class RuleMixes:
                 local.built = {}
 
     def get(self, A: torch.Tensor, r: int, dtype: torch.dtype, scale: float) -> functional.RuleMix:
-        """The mix of rules ``A`` for rank ``r`` and ``scale`` in ``dtype``: shared inside a scope, else new."""
+        """The mix of rules ``A`` for rank ``r`` and ``scale`` in ``dtype``: shared in a scope or a backward pass, else new."""
         local = self._local
-        if not getattr(local, "depth", 0) or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
             return functional.rule_mix(A, r, dtype, scale)
-        key = (id(A), r, dtype, scale, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-        built = local.built
+        if getattr(local, "depth", 0):
+            built = local.built
+        else:
+            task = torch._C._current_graph_task_id()
+            if task < 0:  # neither in a forward of the model nor in a backward pass
+                return functional.rule_mix(A, r, dtype, scale)
+            recomputed = getattr(local, "recomputed", None)
+            if recomputed is None or recomputed[0] != task:
+                recomputed = local.recomputed = (task, {})
+            built = recomputed[1]
+        key = (id(A), A._version, r, dtype, scale, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         mix = built.get(key)
         if mix is None:
             mix = built[key] = functional.rule_mix(A, r, dtype, scale)
