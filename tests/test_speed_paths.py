@@ -349,6 +349,29 @@ def test_writes_through_data_are_seen_after_eval():
     assert not torch.allclose(after, before)
 
 
+@pytest.mark.parametrize("mode,targets", [("sequential", ["attention", "mlp"]), ("parallel", ["q_proj", "fc1"]),
+                                          ("sequential", ["q_proj", "fc1"])], ids=["block", "parallel", "sequential"])
+def test_a_model_loaded_under_inference_mode_serves_and_sees_in_place_writes(mode, targets, tmp_path):
+    # Loaded inside torch.inference_mode(), every parameter is an inference tensor: no version counter, so
+    # nothing is cached (a write could not be told), and both modes serve what a normally loaded model does.
+    from peft import PeftModel
+
+    _vit_model(mode, targets).save_pretrained(tmp_path)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    expected = _cached(PeftModel.from_pretrained(tiny_vit(), tmp_path).eval(), x)
+    with torch.inference_mode():
+        model = PeftModel.from_pretrained(tiny_vit(), tmp_path).eval()
+        assert all(p.is_inference() for p in model.parameters())
+        for _ in range(2):
+            torch.testing.assert_close(model(x).logits, expected, rtol=0, atol=0)
+        assert all(m._fold_cache is None for m in model.modules() if isinstance(m, L.AloreLayer))
+        _adapter_param(model, "alore_B.default").mul_(3.0)
+        changed = model(x).logits
+        assert not torch.allclose(changed, expected)
+        model.train()  # a train-mode forward (the factored path) under inference mode
+        torch.testing.assert_close(model(x).logits, changed, rtol=1e-5, atol=1e-6)
+
+
 def test_cached_block_call_puts_the_containers_own_weights_back_even_on_error():
     model = _vit_model("sequential", ["attention", "mlp"]).eval()
     x = torch.randn(2, 3, 32, 32)

@@ -22,7 +22,9 @@ Forward paths (``compute_path``):
   The cache holds one extra copy of every weight the adapter folds into, and
   is dropped whenever any adapter or base weight changes (parameter version
   counters and storage), on ``train()``/``eval()``, and when adapters are
-  switched, enabled, disabled, merged, unmerged or deleted.
+  switched, enabled, disabled, merged, unmerged or deleted. A layer whose
+  tensors are inference tensors (built or loaded under
+  ``torch.inference_mode()``: no version counter) folds on every call instead.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ from . import functional
 from .config import AloreConfig
 
 __all__ = ["AloreLayer", "Linear", "Conv2d", "LAYER_TYPES", "RuleMixes"]
+
+
+def _version(t: torch.Tensor) -> int:
+    """``t``'s version counter (bumped by every in-place write); -1 for an inference tensor, which has none."""
+    return -1 if t.is_inference() else t._version
 
 
 class RuleMixes:
@@ -102,7 +109,7 @@ class RuleMixes:
             if recomputed is None or recomputed[0] != task:
                 recomputed = local.recomputed = (task, {})
             built = recomputed[1]
-        key = (id(A), A._version, r, dtype, scale, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        key = (id(A), _version(A), r, dtype, scale, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         mix = built.get(key)
         if mix is None:
             mix = built[key] = functional.rule_mix(A, r, dtype, scale)
@@ -499,16 +506,23 @@ class AloreLayer(BaseTunerLayer):
         """Rows of the weights a fold builds (``d_out`` of a linear layer)."""
         return self.out_dim
 
-    def _cache_key(self, active: list[str]) -> tuple:
-        # Runs on every cached eval-mode call: the tensors are read straight from the module dicts.
+    def _cache_key(self, active: list[str]) -> Optional[tuple]:
+        """What the cached folded weights were built from, or ``None`` when they must not be cached.
+
+        Runs on every cached eval-mode call: the tensors are read straight from
+        the module dicts. An inference tensor (a model built or loaded under
+        ``torch.inference_mode()``) has no version counter to tell an in-place
+        write, so its layer folds afresh on every call instead.
+        """
         tensors = [module._parameters[attr] for _, module, attr in self._consumer_slots()]
         for a in active:
             tensors.extend(self._stored(a))  # the stored tensors, not views
-        return (
-            tuple(active),
-            tuple(self.scaling[a] for a in active),
-            tuple((id(t), t.data_ptr(), t._version, t.dtype) for t in tensors),
-        )
+        built_from = []
+        for t in tensors:
+            if t.is_inference():
+                return None
+            built_from.append((id(t), t.data_ptr(), t._version, t.dtype))
+        return tuple(active), tuple(self.scaling[a] for a in active), tuple(built_from)
 
     def folded_weights(self, active: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
         """``{consumer name: W (I + sum S) + sum P}`` for the active adapters (or ``active``).
@@ -518,15 +532,15 @@ class AloreLayer(BaseTunerLayer):
         """
         active = self._active() if active is None else active
         cacheable = not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        if cacheable:
-            key = self._cache_key(active)
+        key = self._cache_key(active) if cacheable else None
+        if key is not None:
             cached = self._fold_cache
             if cached is not None and cached[0] == key:
                 return cached[1]
         seq = [self._factors_and_scale(a) for a in active if self.mode[a] == "sequential"]
         par = [self._factors_and_scale(a) for a in active if self.mode[a] == "parallel"]
         weights = {name: functional.folded_weight(w, seq, par) for name, w in self.consumer_weights()}
-        if cacheable:
+        if key is not None:
             self.__dict__["_fold_cache"] = (key, weights)
         return weights
 
