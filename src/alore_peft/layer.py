@@ -58,11 +58,12 @@ class RuleMixes:
     buffer. Gradient checkpointing recomputes layers after the forward, inside
     the backward pass: those calls share one mix per backward pass
     (``torch._C._current_graph_task_id``), kept until the thread's next
-    forward. A layer called on its own, outside both, builds its own: the same
-    values, two more operators. A shared mix never sees rules that changed
-    since it was built: the rules' version counter is part of its key. Scopes
-    belong to the thread that opened them: ``nn.DataParallel`` runs its
-    replicas, which share this object, in threads of their own.
+    forward; their key holds the rules' version counter, so rules changed in
+    place since (an optimizer step in a backward hook) are never served from an
+    older mix. A layer called on its own, outside both, builds its own: the
+    same values, two more operators. Scopes belong to the thread that opened
+    them: ``nn.DataParallel`` runs its replicas, which share this object, in
+    threads of their own.
     """
 
     def __init__(self) -> None:
@@ -100,7 +101,7 @@ class RuleMixes:
         if torch.compiler.is_compiling():
             return functional.rule_mix(A, r, dtype, scale)
         if getattr(local, "depth", 0):
-            built = local.built
+            built, version = local.built, 0  # the rules cannot change during one forward
         else:
             task = torch._C._current_graph_task_id()
             if task < 0:  # neither in a forward of the model nor in a backward pass
@@ -108,8 +109,8 @@ class RuleMixes:
             recomputed = getattr(local, "recomputed", None)
             if recomputed is None or recomputed[0] != task:
                 recomputed = local.recomputed = (task, {})
-            built = recomputed[1]
-        key = (id(A), _version(A), r, dtype, scale, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+            built, version = recomputed[1], _version(A)  # a backward hook may step the optimizer
+        key = (id(A), version, r, dtype, scale, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         mix = built.get(key)
         if mix is None:
             mix = built[key] = functional.rule_mix(A, r, dtype, scale)
