@@ -392,8 +392,12 @@ def _save(ctx, x: torch.Tensor, bt: torch.Tensor, C: torch.Tensor, spec: tuple, 
     ctx.meta = (x.shape, x.dtype, bt.shape, bt.dtype, C.shape, C.dtype)
 
 
-# Each function's forward and backward switch autocast off around their body when it is on (they pick their
-# dtypes themselves); the check is inline, as these run once per adapted layer and step.
+def _autocast_off(on: bool, device_type: str, fn, *args):
+    """``fn(*args)`` with autocast (``on`` for ``device_type``) switched off: the factored functions pick their dtypes themselves."""
+    if on:
+        with torch.autocast(device_type, enabled=False):
+            return fn(*args)
+    return fn(*args)
 
 
 class _FactoredDelta(torch.autograd.Function):
@@ -406,10 +410,7 @@ class _FactoredDelta(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, m, bt, C, base, spec):  # noqa: D102
-        if spec[2]:
-            with torch.autocast(x.device.type, enabled=False):
-                return _FactoredDelta._forward(ctx, x, m, bt, C, base, spec)
-        return _FactoredDelta._forward(ctx, x, m, bt, C, base, spec)
+        return _autocast_off(spec[2], x.device.type, _FactoredDelta._forward, ctx, x, m, bt, C, base, spec)
 
     @staticmethod
     def _forward(ctx, x, m, bt, C, base, spec):
@@ -432,10 +433,7 @@ class _FactoredDelta(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        if _autocast_on(ctx.device_type):
-            with torch.autocast(ctx.device_type, enabled=False):
-                return _FactoredDelta._backward(ctx, grad)
-        return _FactoredDelta._backward(ctx, grad)
+        return _autocast_off(_autocast_on(ctx.device_type), ctx.device_type, _FactoredDelta._backward, ctx, grad)
 
     @staticmethod
     def _backward(ctx, grad):
@@ -467,10 +465,7 @@ class _FactoredLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, m, bt, C, spec):  # noqa: D102
-        if spec[2]:
-            with torch.autocast(x.device.type, enabled=False):
-                return _FactoredLinear._forward(ctx, x, weight, bias, m, bt, C, spec)
-        return _FactoredLinear._forward(ctx, x, weight, bias, m, bt, C, spec)
+        return _autocast_off(spec[2], x.device.type, _FactoredLinear._forward, ctx, x, weight, bias, m, bt, C, spec)
 
     @staticmethod
     def _forward(ctx, x, weight, bias, m, bt, C, spec):
@@ -490,10 +485,7 @@ class _FactoredLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        if _autocast_on(ctx.device_type):
-            with torch.autocast(ctx.device_type, enabled=False):
-                return _FactoredLinear._backward(ctx, grad)
-        return _FactoredLinear._backward(ctx, grad)
+        return _autocast_off(_autocast_on(ctx.device_type), ctx.device_type, _FactoredLinear._backward, ctx, grad)
 
     @staticmethod
     def _backward(ctx, grad):
