@@ -643,6 +643,29 @@ def test_training_call_runs_about_loras_operators(name, autocast, monkeypatch):
         assert lora["alone"] == {"aten_ops": lora["aten_ops"], "kernel_ops": lora["kernel_ops"]}
 
 
+# -- the layers enter autograd's C++ entry point directly ------------------------------------
+FACTORED_CASES = [(case, mode) for case in LAYER_CASES for mode in case.modes if case.name in ("linear", "block")]
+
+
+@pytest.mark.parametrize("case,mode", FACTORED_CASES, ids=[f"{c.name}-{m}" for c, m in FACTORED_CASES])
+def test_factored_calls_skip_function_apply_except_under_functorch_transforms(case, mode, monkeypatch):
+    """``Function.apply``'s Python wrapper (functorch bookkeeping) is skipped on the hot path, kept inside a transform."""
+    entered = []
+    for fn in (functional._FactoredLinear, functional._FactoredDelta):
+        real = fn.apply
+        monkeypatch.setattr(fn, "apply", lambda *args, _real=real: entered.append(args[0]) or _real(*args))
+    layer, x = make_layer(case, mode, "factored"), make_input(case)
+    out = layer(x)
+    out.sum().backward()
+    assert entered == []
+    assert_close(out, reference(layer, x.detach()), torch.float32)  # the direct entry computes the same
+    assert x.grad is not None and all(p.grad is not None for p in layer.parameters() if p.requires_grad)
+    # Inside torch.func transforms (and torch.compile) the layers go through Function.apply instead.
+    inside = []
+    torch.func.vmap(lambda t: inside.append(functional._plain_autograd()) or t)(x.detach())
+    assert inside == [False] and functional._plain_autograd()
+
+
 # -- the benchmark scripts' smoke tests (they must run and write well-formed output; timings are not checked)
 def _load_benchmark(name: str, monkeypatch):
     # The scripts default OMP_WAIT_POLICY at import; keep that out of this process's environment.

@@ -199,13 +199,13 @@ class AloreBlock(nn.Module, AloreLayer):
             )
         return x, key
 
-    def _use_fold(self, active: list[str], x: torch.Tensor) -> bool:
+    def _use_fold(self, active: list[str], x: torch.Tensor, dropout: Optional[bool] = None) -> bool:
         # Folding needs the consumers, and replaces them for the whole call: only when the trace allows it.
         if self.trace is None or not self.trace.foldable:
             return False
         if self.training and not torch.is_grad_enabled() and self._path(active) == "auto":
             return False  # train-mode calls without gradients run the factored path
-        return super()._use_fold(active, x)
+        return super()._use_fold(active, x, dropout)
 
     def _fold_rows(self) -> int:
         # Every consumer's rows (times its kernel taps): the fold builds all their weights.

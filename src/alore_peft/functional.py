@@ -189,6 +189,9 @@ def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tenso
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)  # whether autocast is on anywhere
+
+
 def _autocast_on(device_type: str) -> bool:
     """Whether autocast is on for ``device_type`` (``False`` for devices without autocast, e.g. ``meta``)."""
     try:
@@ -388,16 +391,21 @@ def _factors2(bt: torch.Tensor, C: torch.Tensor, dtype: torch.dtype) -> tuple[to
 def _save(ctx, x: torch.Tensor, bt: torch.Tensor, C: torch.Tensor, spec: tuple, *tensors: torch.Tensor) -> None:
     """What both factored functions keep for their backward: ``tensors``, and the shapes and dtypes to give back."""
     ctx.save_for_backward(*tensors)
-    ctx.dtype, ctx.sink, ctx.device_type = spec[1], spec[3], x.device.type
+    ctx.dtype, ctx.sink = spec[1], spec[3]
     ctx.meta = (x.shape, x.dtype, bt.shape, bt.dtype, C.shape, C.dtype)
 
 
-def _autocast_off(on: bool, device_type: str, fn, *args):
-    """``fn(*args)`` with autocast (``on`` for ``device_type``) switched off: the factored functions pick their dtypes themselves."""
+def _autocast_off(on: bool, x: torch.Tensor, fn, *args):
+    """``fn(*args)`` with autocast (``on`` for ``x``'s device) switched off: the factored functions pick their dtypes themselves."""
     if on:
-        with torch.autocast(device_type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False):
             return fn(*args)
     return fn(*args)
+
+
+def _autocast_on_for(t: torch.Tensor) -> bool:
+    """Whether autocast is on for ``t``'s device (asked of the device only when autocast is on anywhere)."""
+    return _any_autocast() and _autocast_on(t.device.type)
 
 
 class _FactoredDelta(torch.autograd.Function):
@@ -410,7 +418,7 @@ class _FactoredDelta(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, m, bt, C, base, spec):  # noqa: D102
-        return _autocast_off(spec[2], x.device.type, _FactoredDelta._forward, ctx, x, m, bt, C, base, spec)
+        return _autocast_off(spec[2], x, _FactoredDelta._forward, ctx, x, m, bt, C, base, spec)
 
     @staticmethod
     def _forward(ctx, x, m, bt, C, base, spec):
@@ -433,7 +441,7 @@ class _FactoredDelta(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        return _autocast_off(_autocast_on(ctx.device_type), ctx.device_type, _FactoredDelta._backward, ctx, grad)
+        return _autocast_off(_autocast_on_for(grad), grad, _FactoredDelta._backward, ctx, grad)
 
     @staticmethod
     def _backward(ctx, grad):
@@ -465,7 +473,7 @@ class _FactoredLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, m, bt, C, spec):  # noqa: D102
-        return _autocast_off(spec[2], x.device.type, _FactoredLinear._forward, ctx, x, weight, bias, m, bt, C, spec)
+        return _autocast_off(spec[2], x, _FactoredLinear._forward, ctx, x, weight, bias, m, bt, C, spec)
 
     @staticmethod
     def _forward(ctx, x, weight, bias, m, bt, C, spec):
@@ -485,7 +493,7 @@ class _FactoredLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        return _autocast_off(_autocast_on(ctx.device_type), ctx.device_type, _FactoredLinear._backward, ctx, grad)
+        return _autocast_off(_autocast_on_for(grad), grad, _FactoredLinear._backward, ctx, grad)
 
     @staticmethod
     def _backward(ctx, grad):
@@ -503,6 +511,21 @@ class _FactoredLinear(torch.autograd.Function):
         return gx, None, None, gm, gb, gc, None
 
 
+# ``Function.apply`` runs Python bookkeeping for functorch transforms (``vmap``, ``grad``) before it enters
+# autograd's C++ entry point: about 2 µs per call, on every adapted layer's call. Outside such a transform
+# and outside ``torch.compile`` (which traces ``Function.apply`` itself), the layers enter directly; the
+# one input that can be a functorch wrapper left over from a finished transform, ``x``, is unwrapped as
+# ``Function.apply`` would.
+_LINEAR_APPLY = super(torch.autograd.Function, _FactoredLinear).apply
+_DELTA_APPLY = super(torch.autograd.Function, _FactoredDelta).apply
+_unwrap_if_dead = getattr(torch._C._functorch, "unwrap_if_dead", lambda t: t)
+
+
+def _plain_autograd() -> bool:
+    """Neither compiling nor inside a functorch transform: a Function may be entered directly."""
+    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
+
+
 def compute_dtype(x: torch.Tensor, B: torch.Tensor) -> torch.dtype:
     """The dtype the factored path computes in: the autocast dtype when autocast is on for ``x``'s device, else ``B``'s."""
     return call_dtype(x, B)[0]
@@ -510,6 +533,8 @@ def compute_dtype(x: torch.Tensor, B: torch.Tensor) -> torch.dtype:
 
 def call_dtype(x: torch.Tensor, B: torch.Tensor) -> tuple[torch.dtype, bool]:
     """``(compute_dtype(x, B), whether autocast is on for x's device)``."""
+    if not _any_autocast():  # one call instead of reading x's device: every layer call asks
+        return B.dtype, False
     device = x.device.type
     if _autocast_on(device):
         return torch.get_autocast_dtype(device), True
@@ -603,8 +628,13 @@ def apply_stored(
     autocast is on for ``x``'s device) are :func:`call_dtype`'s answer, worked
     out here when ``None``.
     """
-    dtype, autocast = _resolve_dtype(x, Bt, dtype, autocast)
-    out = _FactoredDelta.apply(x, mix.matrix, Bt, C, base, (residual, dtype, autocast, mix.grad))
+    if dtype is None or autocast is None:
+        dtype, autocast = _resolve_dtype(x, Bt, dtype, autocast)
+    spec = (residual, dtype, autocast, mix.grad)
+    if _plain_autograd():
+        out = _DELTA_APPLY(_unwrap_if_dead(x), mix.matrix, Bt, C, base, spec)
+    else:
+        out = _FactoredDelta.apply(x, mix.matrix, Bt, C, base, spec)
     if base is None and not residual and out.dtype != x.dtype and not autocast:
         out = out.to(x.dtype)  # no autocast: back to the input's dtype
     return out
@@ -668,8 +698,12 @@ def linear_stored(
     autocast: Optional[bool] = None,
 ) -> torch.Tensor:
     """:func:`linear` for checked arguments in the layers' layout (``Bt``: ``(n, r, d_out / n)``; see :func:`apply_stored`)."""
-    dtype, autocast = _resolve_dtype(x, Bt, dtype, autocast)
-    return _FactoredLinear.apply(x, weight, bias, mix.matrix, Bt, C, (sequential, dtype, autocast, mix.grad))
+    if dtype is None or autocast is None:
+        dtype, autocast = _resolve_dtype(x, Bt, dtype, autocast)
+    spec = (sequential, dtype, autocast, mix.grad)
+    if _plain_autograd():
+        return _LINEAR_APPLY(_unwrap_if_dead(x), weight, bias, mix.matrix, Bt, C, spec)
+    return _FactoredLinear.apply(x, weight, bias, mix.matrix, Bt, C, spec)
 
 
 # -- folding into weights ---------------------------------------------------------

@@ -462,7 +462,10 @@ class AloreLayer(BaseTunerLayer):
         if not self.training:
             return False
         dropouts = self._modules["alore_dropout"]._modules
-        return any(isinstance(dropouts[a], nn.Dropout) for a in active)
+        for a in active:
+            if isinstance(dropouts[a], nn.Dropout):
+                return True
+        return False
 
     def _adapter_needs_grad(self, active: list[str]) -> bool:
         if not torch.is_grad_enabled():
@@ -473,17 +476,24 @@ class AloreLayer(BaseTunerLayer):
                 return True
         return False
 
-    def _use_fold(self, active: list[str], x: torch.Tensor) -> bool:
-        """Fold the adapters into the weights for this call, or run the factored path."""
+    def _use_fold(self, active: list[str], x: torch.Tensor, dropout: Optional[bool] = None) -> bool:
+        """Fold the adapters into the weights for this call, or run the factored path.
+
+        ``dropout``: :meth:`_dropout_active`, when the caller already knows it.
+        """
         path = self._path(active)
-        dropout = self._dropout_active(active)
+        if dropout is None:
+            dropout = self._dropout_active(active)
         if path != "auto" or dropout:
             return path == "fold" and not dropout
         if torch.compiler.is_compiling():
             return False
         needs_grad = self._adapter_needs_grad(active)
         if needs_grad:
-            if not any(self._fold_can_pay_for(a) for a in active):
+            for a in active:
+                if self._fold_can_pay_for(a):
+                    break
+            else:
                 return False  # the factored path is the cheaper at any number of tokens (the paper's sizes)
         elif not self.training and not torch.is_grad_enabled():
             return True  # cached across calls
@@ -597,12 +607,15 @@ class AloreLayer(BaseTunerLayer):
         if not active:
             return self.base_layer(*args, **kwargs)
         x, key = self._find_input(args, kwargs)
-        if self._use_fold(active, x):
+        dropout = self._dropout_active(active)
+        if self._use_fold(active, x, dropout):
             return self._run_folded(self.folded_weights(active), args, kwargs)
-        return self._factored(active, x, key, args, kwargs)
+        return self._factored(active, x, key, args, kwargs, dropout)
 
-    def _factored(self, active: list[str], x: torch.Tensor, key: Optional[str], args: tuple, kwargs: dict) -> Any:
-        """The wrapped module on ``x + sum S x``, plus ``sum P x``: ``dW`` never built."""
+    def _factored(
+        self, active: list[str], x: torch.Tensor, key: Optional[str], args: tuple, kwargs: dict, dropout: bool
+    ) -> Any:
+        """The wrapped module on ``x + sum S x``, plus ``sum P x``: ``dW`` never built (``dropout``: any active)."""
         modes = self.mode
         if len(active) == 1 and modes[active[0]] == "sequential":  # the common case, without the loops
             return self._call_base(self._adapt(x, active[0]), key, args, kwargs)
@@ -661,10 +674,12 @@ class Linear(nn.Module, AloreLayer):
     def _run_folded(self, weights: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> torch.Tensor:
         return nn.functional.linear(args[0], weights["weight"], self._modules["base_layer"]._parameters["bias"])
 
-    def _factored(self, active: list[str], x: torch.Tensor, key: Optional[str], args: tuple, kwargs: dict) -> Any:
+    def _factored(
+        self, active: list[str], x: torch.Tensor, key: Optional[str], args: tuple, kwargs: dict, dropout: bool
+    ) -> Any:
         # One adapter on a frozen nn.Linear: the layer and its adapter in one function (fewer operators).
         base = self._modules["base_layer"]
-        if len(active) == 1 and type(base) is nn.Linear and not self._dropout_active(active):
+        if len(active) == 1 and type(base) is nn.Linear and not dropout:
             weight, bias = base._parameters["weight"], base._parameters["bias"]
             name = active[0]
             A, Bt, C = self._stored(name)  # B as stored, (n, r, d_out / n)
@@ -674,7 +689,7 @@ class Linear(nn.Module, AloreLayer):
                 sequential = self.mode[name] == "sequential"
                 mix = self._mix(name, A, dtype)
                 return functional.linear_stored(x, weight, bias, mix, Bt, C, sequential, dtype, autocast)
-        return super()._factored(active, x, key, args, kwargs)
+        return super()._factored(active, x, key, args, kwargs, dropout)
 
     # nn.Module comes first in the MRO, so its placeholders must be pointed at AloreLayer's.
     forward = AloreLayer.forward
@@ -745,9 +760,9 @@ class Conv2d(nn.Module, AloreLayer):
         base = self._modules["base_layer"]
         return base._conv_forward(args[0], weights["weight"], base._parameters["bias"])
 
-    def _use_fold(self, active: list[str], x: torch.Tensor) -> bool:
+    def _use_fold(self, active: list[str], x: torch.Tensor, dropout: Optional[bool] = None) -> bool:
         path = self._path(active)
-        if path == "factored" or self._dropout_active(active):
+        if path == "factored" or (self._dropout_active(active) if dropout is None else dropout):
             return False
         if path == "fold" or any(self.mode[a] == "parallel" for a in active):
             return True  # a parallel update acts on kernel patches: it is always a kernel
