@@ -183,18 +183,32 @@ def test_push_to_hub_uploads_the_alore_card(adapter, tmp_path, monkeypatch):
     assert {"alore", "colours"} <= set(card.data.tags)
 
 
-def test_files_hold_b_as_n_by_d_out_over_n_by_r_whatever_the_storage(tmp_path):
-    # The layers store B as (n, r, d_out / n) for the factored path's matmuls; a file (and the state
-    # dict) keeps the documented (n, d_out / n, r), and loading puts it back into the stored layout.
-    model = get_peft_model(tiny_vit(), AloreConfig(r=2, num_experts=4, target_modules=["q_proj"], init_weights=False))
+@pytest.mark.parametrize("r", [2, 8], ids=["r2", "r-equals-block"])
+def test_files_hold_the_documented_factor_shapes_whatever_the_storage(tmp_path, r):
+    # The layers store B and C as the matrices the factored path multiplies by, (n r, d / n); a file
+    # (and the state dict) keeps the documented B (n, d_out / n, r) and C (n, r, d_in / n), and loading
+    # puts them back. With r = d / n (8 here) a stored matrix and a file tensor still differ in rank,
+    # so a state dict in either layout loads unambiguously.
+    model = get_peft_model(tiny_vit(), AloreConfig(r=r, num_experts=4, target_modules=["q_proj"], init_weights=False))
     name, layer = next((n, m) for n, m in model.named_modules() if isinstance(m, AloreLayer))
-    stored, B = layer.alore_B["default"], layer.factors("default")[1]
-    assert stored.is_contiguous() and stored.shape == (4, 2, layer.in_dim // 4)
+    q = layer.in_dim // 4
+    _, B, C = layer.factors("default")
+    stored = {"alore_B": layer.alore_B["default"], "alore_C": layer.alore_C["default"]}
+    assert all(t.is_contiguous() and t.shape == (4 * r, q) for t in stored.values())
+    assert B.shape == (4, q, r) and C.shape == (4, r, q)
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "adapter_model.safetensors")
-    key = next(k for k in saved if k.endswith(name.split("base_model.model.", 1)[1] + ".alore_B"))
-    assert saved[key].shape == B.shape == (4, layer.in_dim // 4, 2)
-    assert torch.equal(saved[key], B.detach())
+    prefix = name.split("base_model.model.", 1)[1]
+    for kind, documented in (("alore_B", B), ("alore_C", C)):
+        key = next(k for k in saved if k.endswith(f"{prefix}.{kind}"))
+        assert saved[key].shape == documented.shape and torch.equal(saved[key], documented.detach())
     loaded = PeftModel.from_pretrained(tiny_vit(), tmp_path)
-    again = dict(loaded.named_modules())[name].alore_B["default"]
-    assert again.is_contiguous() and torch.equal(again, stored.detach())
+    again = dict(loaded.named_modules())[name]
+    for kind, value in stored.items():
+        got = getattr(again, kind)["default"]
+        assert got.is_contiguous() and torch.equal(got, value.detach())
+    # A state dict in the stored layout (the parameters themselves) loads as it is.
+    params = {k: v.detach() + 1 for k, v in model.named_parameters() if ".alore_B." in k or ".alore_C." in k}
+    model.load_state_dict(params, strict=False)
+    own = dict(model.named_parameters())
+    assert all(torch.equal(own[k], v) for k, v in params.items())

@@ -365,7 +365,7 @@ def test_safe_merge_refuses_non_finite_and_leaves_weights():
     _, model = CASES[0].build(init_weights=False)
     layer = alore_layers(model)[0]
     with torch.no_grad():
-        layer.alore_B["default"][0, 0, 0] = float("nan")
+        layer.alore_B["default"][0, 0] = float("nan")
     before = layer.get_base_layer().weight.detach().clone()
     with pytest.raises(ValueError, match="NaN or inf"):
         model.merge_adapter(safe_merge=True)

@@ -105,7 +105,7 @@ def test_zeroed_expert_has_zero_norm_and_zero_map():
     model = vit_with_adapter()
     target = "vit.layers.1.mlp.fc1"
     with torch.no_grad():
-        layer_by_name(model, target).alore_B["default"][2] = 0
+        layer_by_name(model, target).factors("default")[1][2] = 0
     records = insp.expert_records(model)
     assert len(records) == 4 * 4  # 4 layers x 4 experts
     by_key = {(rec["layer"], rec["expert"]): rec for rec in records}
@@ -151,7 +151,7 @@ def test_single_expert_map_equals_the_layers_own_adapter_output():
     layer = layer_by_name(model, name)
     with torch.no_grad():
         for i in (0, 1, 3):
-            layer.alore_B["default"][i] = 0
+            layer.factors("default")[1][i] = 0
     seen = {}
     handle = layer.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].detach()))
     maps = insp.expert_maps(model, torch.randn(2, 3, 32, 32), layers=[name])
@@ -181,7 +181,7 @@ def test_block_placement_and_parallel_conv_maps():
     layer = layer_by_name(model, name)
     with torch.no_grad():
         for i in (0, 2, 3):
-            layer.alore_B["default"][i] = 0
+            layer.factors("default")[1][i] = 0
     pixels = torch.randn(2, 3, 32, 32)
     maps = insp.expert_maps(model, pixels)
     with torch.no_grad():
@@ -197,7 +197,7 @@ def test_layer_records_ranks_follow_the_construction():
     one_expert = "vit.layers.0.mlp.fc1"
     with torch.no_grad():
         for i in (0, 1, 2):
-            layer_by_name(model, one_expert).alore_B["default"][i] = 0
+            layer_by_name(model, one_expert).factors("default")[1][i] = 0
         layer_by_name(model, "vit.layers.1.mlp.fc1").alore_B["default"].zero_()
     records = {rec["layer"]: rec for rec in insp.layer_records(model)}
     full = records["vit.layers.0.attention.q_proj"]

@@ -106,8 +106,8 @@ def test_unmerge_of_a_singular_update_changes_nothing():
     with torch.no_grad():  # s dW = sum_i E_ii (x) (-I): I + s dW = 0 on lin1's input, so W is lost once merged
         q = lin1.in_dim // 4
         lin1.alore_A["default"].copy_(torch.diag_embed(torch.eye(4)))  # A_i = E_ii
-        lin1.alore_B["default"].copy_(-torch.eye(q).expand(4, q, q))
-        lin1.alore_C["default"].copy_(torch.eye(q).expand(4, q, q))
+        lin1.factors("default")[1].copy_(-torch.eye(q).expand(4, q, q))
+        lin1.factors("default")[2].copy_(torch.eye(q).expand(4, q, q))
     model.merge_adapter()
     before = snapshot(model)
     with pytest.raises(ValueError, match="singular"):

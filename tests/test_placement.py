@@ -260,7 +260,7 @@ def test_safe_merge_refuses_non_finite_and_changes_nothing():
     reference, model = _paper_vit()
     block = model.base_model.model.vit.layers[0].attention
     with torch.no_grad():
-        block.alore_B["default"][0, 0, 0] = float("nan")
+        block.alore_B["default"][0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
         model.merge_adapter(safe_merge=True)
     assert torch.equal(block.get_base_layer().q_proj.weight, reference.vit.layers[0].attention.q_proj.weight)

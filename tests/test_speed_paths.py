@@ -105,9 +105,9 @@ def reference(layer: L.AloreLayer, x: torch.Tensor) -> torch.Tensor:
 
 
 def store_b_other(layer: L.AloreLayer) -> None:
-    """Re-store the up factor with its ``r`` axis contiguous (not the layers' layout): any layout must compute the same."""
+    """Re-store the up factor matrix column-major (not the layers' layout): any layout must compute the same."""
     B = layer.alore_B["default"]
-    stored = B.detach().transpose(1, 2).contiguous().transpose(1, 2)
+    stored = B.detach().t().contiguous().t()
     layer.alore_B["default"] = nn.Parameter(stored, requires_grad=B.requires_grad)
 
 
@@ -119,8 +119,8 @@ def test_every_path_matches_kron_values_and_gradients(case, mode, path, dtype, b
     if b_layout == "other":
         store_b_other(layer)
     x = make_input(case, dtype)
-    A, _, C = layer.factors("default")
-    B = layer.alore_B["default"]  # the parameter, (n, r, d_out / n)
+    A = layer.factors("default")[0]
+    B, C = layer.alore_B["default"], layer.alore_C["default"]  # the parameters, (n r, d_out / n) and (n r, d_in / n)
     assert B.is_contiguous() == (b_layout == "stored")
     out = layer(x)
     ref = reference(layer, x)
@@ -134,6 +134,16 @@ def test_every_path_matches_kron_values_and_gradients(case, mode, path, dtype, b
         assert_close(got, want, dtype)
     if path == "factored" and b_layout == "stored":  # the layers' own layout: accumulating the gradients copies nothing
         assert [got.stride() for got in grads[1:]] == [p.stride() for p in (A, B, C)]
+
+
+@pytest.mark.parametrize("case,mode,path", CASES, ids=IDS)
+def test_an_empty_batch_passes_every_path(case, mode, path):
+    layer = make_layer(case, mode, path)
+    x = make_input(case)[:0].detach().requires_grad_(True)  # no samples: the last batch of a filtered dataset
+    out = layer(x)
+    assert out.shape == reference(layer, x.detach()).shape and out.shape[0] == 0
+    out.sum().backward()
+    assert x.grad.shape == x.shape
 
 
 @pytest.mark.parametrize("case,mode,path", CASES, ids=IDS)
@@ -569,8 +579,8 @@ def test_compiled_layer_has_no_graph_break_and_matches_eager(case, mode, path):
     layer(make_input(case))  # a block traces its consumers on the first eager call
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     x = make_input(case, seed=3)
-    A, _, C = layer.factors("default")
-    B = layer.alore_B["default"]
+    A = layer.factors("default")[0]
+    B, C = layer.alore_B["default"], layer.alore_C["default"]
     out_c = compiled(x)
     g = torch.randn(out_c.shape, generator=torch.Generator().manual_seed(4))
     grads_c = torch.autograd.grad(out_c, [x, A, B, C], g)

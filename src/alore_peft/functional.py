@@ -61,6 +61,8 @@ __all__ = [
     "call_dtype",
     "apply",
     "apply_stored",
+    "factor_matrices",
+    "factor_views",
     "linear",
     "linear_stored",
     "folded_weight",
@@ -175,9 +177,11 @@ def reference_delta_weight(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, sc
 # (:class:`RuleMix`), and the rules' gradient is one matmul over every layer's
 # ``z`` and ``u`` gradient, once per backward pass (:class:`_RuleGrad`).
 # Per layer: three matmuls forward, five backward, ``T (n r (d_in + d_out) +
-# (n^2 r)^2)`` multiply-adds forward. The up matmul reads ``B`` as ``(n r,
-# d_out / n)``: the layers store ``B`` as ``(n, r, d_out / n)`` (``B[i]``
-# transposed), and its gradient comes out of one matmul in that layout.
+# (n^2 r)^2)`` multiply-adds forward. The matmuls read the factors as
+# matrices, ``B`` as ``B2[(i, r), a] = B[i, a, r]`` (``(n r, d_out / n)``) and
+# ``C`` as ``C2[(i, r), b] = C[i, r, b]`` (``(n r, d_in / n)``), the layout the
+# layers store them in (:func:`factor_matrices`), and their gradients come out
+# of one matmul each in that layout.
 
 
 def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -358,13 +362,13 @@ def _down_mix(x: torch.Tensor, c2: torch.Tensor, m: torch.Tensor) -> tuple:
 
 
 def _factor_grads(ctx, g_blocks: torch.Tensor, need_gz: bool, saved: tuple) -> tuple:
-    """``(gz, gM, gB, gC)`` from ``g_blocks``, the gradient at the adapter's output as ``(T n, d_out / n)``.
+    """``(gz, gM, gB2, gC2)`` from ``g_blocks``, the gradient at the adapter's output as ``(T n, d_out / n)``.
 
-    ``gz`` is ``(T n, n r)``; ``gB`` and ``gC`` come out in the stored ``(n, r, d / n)`` layouts.
+    ``gz`` is ``(T n, n r)``; ``gB2`` and ``gC2`` are ``(n r, d / n)``, the factors' matrix layout.
     """
     blocks, z, u, m, b2 = saved[:5]
     need_m, need_b, need_c = ctx.needs_input_grad[ctx.factor_slots]
-    _, _, b_shape, b_dtype, c_shape, c_dtype = ctx.meta
+    b_dtype, c_dtype = ctx.factor_dtypes
     gz = gm = gb = gc = None
     if need_gz or need_c or need_m:
         gu = nn_linear(g_blocks, b2).view(z.shape)  # g @ B: (T, (p, i, r))
@@ -376,23 +380,17 @@ def _factor_grads(ctx, g_blocks: torch.Tensor, need_gz: bool, saved: tuple) -> t
         if need_gz or need_c:
             gz = nn_linear(gu, m).view(u.shape)  # gu @ M^T, as (T n, (i, r))
             if need_c:
-                gc = _cast(torch.mm(gz.t(), blocks).view(c_shape), c_dtype)
+                gc = _cast(torch.mm(gz.t(), blocks), c_dtype)
     if need_b:
-        gb = _cast(torch.mm(u.t(), g_blocks).view(b_shape), b_dtype)
+        gb = _cast(torch.mm(u.t(), g_blocks), b_dtype)
     return gz, gm, gb, gc
 
 
-def _factors2(bt: torch.Tensor, C: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``B`` as ``(n r, d_out / n)`` and ``C`` as ``(n r, d_in / n)`` in ``dtype`` (views of contiguous factors)."""
-    nr = C.shape[0] * C.shape[1]
-    return _cast(bt, dtype).reshape(nr, bt.shape[2]), _cast(C, dtype).reshape(nr, C.shape[2])
-
-
-def _save(ctx, x: torch.Tensor, bt: torch.Tensor, C: torch.Tensor, spec: tuple, *tensors: torch.Tensor) -> None:
-    """What both factored functions keep for their backward: ``tensors``, and the shapes and dtypes to give back."""
+def _save(ctx, x: torch.Tensor, b2: torch.Tensor, c2: torch.Tensor, spec: tuple, *tensors: torch.Tensor) -> None:
+    """What both factored functions keep for their backward: ``tensors``, and the dtypes to give back."""
     ctx.save_for_backward(*tensors)
     ctx.dtype, ctx.sink = spec[1], spec[3]
-    ctx.meta = (x.shape, x.dtype, bt.shape, bt.dtype, C.shape, C.dtype)
+    ctx.x_meta, ctx.factor_dtypes = (x.shape, x.dtype), (b2.dtype, c2.dtype)
 
 
 def _autocast_off(on: bool, x: torch.Tensor, fn, *args):
@@ -411,19 +409,19 @@ def _autocast_on_for(t: torch.Tensor) -> bool:
 class _FactoredDelta(torch.autograd.Function):
     """``base + x @ dW.T`` (or ``x + ...`` with ``residual``) as three token-sized matmuls.
 
-    ``x``: ``(..., d_in)``; ``m``: ``scale * M``; ``bt``: ``B`` as ``(n, r,
-    d_out / n)``; ``base``: ``(..., d_out)`` or ``None``; ``spec``:
-    ``(residual, dtype, autocast, sink)``.
+    ``x``: ``(..., d_in)``; ``m``: ``scale * M``; ``B2``, ``C2``: the factors
+    as ``(n r, d_out / n)`` and ``(n r, d_in / n)``; ``base``: ``(..., d_out)``
+    or ``None``; ``spec``: ``(residual, dtype, autocast, sink)``.
     """
 
     @staticmethod
-    def forward(ctx, x, m, bt, C, base, spec):  # noqa: D102
-        return _autocast_off(spec[2], x, _FactoredDelta._forward, ctx, x, m, bt, C, base, spec)
+    def forward(ctx, x, m, B2, C2, base, spec):  # noqa: D102
+        return _autocast_off(spec[2], x, _FactoredDelta._forward, ctx, x, m, B2, C2, base, spec)
 
     @staticmethod
-    def _forward(ctx, x, m, bt, C, base, spec):
+    def _forward(ctx, x, m, B2, C2, base, spec):
         residual, dtype, autocast = spec[0], spec[1], spec[2]
-        b2, c2 = _factors2(bt, C, dtype)
+        b2, c2 = _cast(B2, dtype), _cast(C2, dtype)
         xc = _cast(x, dtype)
         blocks, z, u = _down_mix(xc, c2, m)
         # Under autocast x + s dW x comes out in the autocast dtype, which its consumers would cast it to.
@@ -435,9 +433,9 @@ class _FactoredDelta(torch.autograd.Function):
             out = torch.addmm(blocks if acc is xc else _rows(acc, b2.shape[1]), u, b2)
         else:  # e.g. a float32 adapter beside a bfloat16 base layer: add in the base's dtype
             out = _rows(acc, b2.shape[1]) + torch.mm(u, b2).to(acc.dtype)
-        _save(ctx, x, bt, C, spec, blocks, z, u, m, b2, c2)
+        _save(ctx, x, B2, C2, spec, blocks, z, u, m, b2, c2)
         ctx.residual, ctx.fused, ctx.factor_slots = residual, fused, slice(1, 4)
-        return out.view(*x.shape[:-1], C.shape[0] * b2.shape[1])
+        return out.view(*x.shape[:-1], m.shape[0] // c2.shape[0] * b2.shape[1])  # (..., n d_out / n)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
@@ -458,7 +456,7 @@ class _FactoredDelta(torch.autograd.Function):
                 gx = torch.mm(gz, c2)
                 if ctx.residual:  # the identity path keeps the input's dtype
                     gx = _rows(grad, c2.shape[1]) + gx.to(grad.dtype)
-            gx = _cast(gx.view(ctx.meta[0]), ctx.meta[1])
+            gx = _cast(gx.view(ctx.x_meta[0]), ctx.x_meta[1])
         return gx, gm, gb, gc, (grad if need_base else None), None
 
 
@@ -472,13 +470,13 @@ class _FactoredLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, m, bt, C, spec):  # noqa: D102
-        return _autocast_off(spec[2], x, _FactoredLinear._forward, ctx, x, weight, bias, m, bt, C, spec)
+    def forward(ctx, x, weight, bias, m, B2, C2, spec):  # noqa: D102
+        return _autocast_off(spec[2], x, _FactoredLinear._forward, ctx, x, weight, bias, m, B2, C2, spec)
 
     @staticmethod
-    def _forward(ctx, x, weight, bias, m, bt, C, spec):
+    def _forward(ctx, x, weight, bias, m, B2, C2, spec):
         sequential, dtype = spec[0], spec[1]
-        b2, c2 = _factors2(bt, C, dtype)
+        b2, c2 = _cast(B2, dtype), _cast(C2, dtype)
         xc, wc = _cast(x, dtype), _cast(weight, dtype)
         blocks, z, u = _down_mix(xc, c2, m)
         if sequential:
@@ -487,7 +485,7 @@ class _FactoredLinear(torch.autograd.Function):
         else:
             out = nn_linear(xc, wc, _cast(bias, dtype))
             out.view(-1, b2.shape[1]).addmm_(u, b2)  # a fresh tensor of this function's own: updated in place
-        _save(ctx, x, bt, C, spec, blocks, z, u, m, b2, c2, wc)
+        _save(ctx, x, B2, C2, spec, blocks, z, u, m, b2, c2, wc)
         ctx.sequential, ctx.factor_slots = sequential, slice(3, 6)
         return out
 
@@ -500,14 +498,14 @@ class _FactoredLinear(torch.autograd.Function):
         need_x = ctx.needs_input_grad[0]
         saved = ctx.saved_tensors
         b2, c2, wc = saved[4], saved[5], saved[6]
-        g = _rows(_cast(grad, ctx.dtype), wc.shape[0])  # (T, d_out)
-        g_in = torch.mm(g, wc) if (need_x or ctx.sequential) else None  # gradient at the linear's input (T, d_in)
-        g_adapter = g_in if ctx.sequential else g
-        gz, gm, gb, gc = _factor_grads(ctx, g_adapter.view(-1, b2.shape[1]), need_x, saved)
+        g = _cast(grad, ctx.dtype)  # (..., d_out)
+        # The gradient at the linear's input, (..., d_in): one matmul, in x's shape (a fresh, contiguous tensor).
+        g_in = torch.matmul(g, wc) if (need_x or ctx.sequential) else None
+        gz, gm, gb, gc = _factor_grads(ctx, _rows(g_in if ctx.sequential else g, b2.shape[1]), need_x, saved)
         gx = None
         if need_x:
             g_in.view(-1, c2.shape[1]).addmm_(gz, c2)  # both paths, in place
-            gx = _cast(g_in.view(ctx.meta[0]), ctx.meta[1])
+            gx = _cast(g_in, ctx.x_meta[1])
         return gx, None, None, gm, gb, gc, None
 
 
@@ -587,8 +585,8 @@ def apply(
         x: Inputs, ``(..., d_in)``; any number of leading batch dimensions.
         A: Rule matrices, ``(n, n, n)``.
         B: Up factors, ``(n, d_out / n, r)``, any strides (fastest as a
-            transposed view of a contiguous ``(n, r, d_out / n)`` tensor, as
-            the layers store it).
+            view of the layers' ``(n r, d_out / n)`` storage,
+            :func:`factor_views`).
         C: Down factors, ``(n, r, d_in / n)``.
         scale: Scalar multiplier ``s``.
         base: ``(..., d_out)`` to add the update to, or ``None``.
@@ -607,34 +605,58 @@ def apply(
     if residual and (base is not None or d_out != d_in):
         raise ValueError("residual=True needs a square update (d_out == d_in) and no base")
     dtype = compute_dtype(x, B)
-    return apply_stored(x, _mix_for(A, r, dtype, scale, mix), B.transpose(1, 2), C, base, residual)
+    return apply_stored(x, _mix_for(A, r, dtype, scale, mix), *factor_matrices(B, C), base, residual)
+
+
+def factor_matrices(B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors as the matrices the factored path multiplies by: ``(B2, C2)``, the layers' storage.
+
+    ``B2[(i, r), a] = B[i, a, r]``, ``(n r, d_out / n)``, and ``C2[(i, r), b] =
+    C[i, r, b]``, ``(n r, d_in / n)``: differentiable, views where the strides
+    allow (``B`` from :func:`factor_views`, any ``C`` that is contiguous).
+
+    Args:
+        B: Up factors, ``(n, d_out / n, r)``.
+        C: Down factors, ``(n, r, d_in / n)``.
+    """
+    n, q_out, r = B.shape
+    return B.transpose(1, 2).reshape(n * r, q_out), C.reshape(n * r, C.shape[2])
+
+
+def factor_views(B2: torch.Tensor, C2: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layers' ``(B2, C2)`` storage (:func:`factor_matrices`) seen as ``(B, C)``: ``(n, d_out / n, r)`` and ``(n, r, d_in / n)``.
+
+    Views: an in-place write to ``B[i]`` or ``C[i]`` (expert ``i``) writes the stored matrices.
+    """
+    r = B2.shape[0] // n
+    return B2.unflatten(0, (n, r)).transpose(1, 2), C2.unflatten(0, (n, r))
 
 
 def apply_stored(
     x: torch.Tensor,
     mix: RuleMix,
-    Bt: torch.Tensor,
-    C: torch.Tensor,
+    B2: torch.Tensor,
+    C2: torch.Tensor,
     base: Optional[torch.Tensor] = None,
     residual: bool = False,
     dtype: Optional[torch.dtype] = None,
     autocast: Optional[bool] = None,
 ) -> torch.Tensor:
-    """:func:`apply` for checked arguments in the layers' layout: ``Bt`` is ``B`` as ``(n, r, d_out / n)``.
+    """:func:`apply` for checked arguments in the layers' layout: ``B2``, ``C2`` from :func:`factor_matrices`.
 
-    What the layers call: no argument checks, ``Bt`` handed over as stored
-    (no view of it in the autograd graph), ``mix`` already built for the
-    compute dtype ``dtype`` and the scale. ``dtype`` and ``autocast`` (whether
-    autocast is on for ``x``'s device) are :func:`call_dtype`'s answer, worked
-    out here when ``None``.
+    What the layers call: no argument checks, the factors handed over as
+    stored (no view of them in the autograd graph), ``mix`` already built for
+    the compute dtype ``dtype`` and the scale. ``dtype`` and ``autocast``
+    (whether autocast is on for ``x``'s device) are :func:`call_dtype`'s
+    answer, worked out here when ``None``.
     """
     if dtype is None or autocast is None:
-        dtype, autocast = _resolve_dtype(x, Bt, dtype, autocast)
+        dtype, autocast = _resolve_dtype(x, B2, dtype, autocast)
     spec = (residual, dtype, autocast, mix.grad)
     if _plain_autograd():
-        out = _DELTA_APPLY(_unwrap_if_dead(x), mix.matrix, Bt, C, base, spec)
+        out = _DELTA_APPLY(_unwrap_if_dead(x), mix.matrix, B2, C2, base, spec)
     else:
-        out = _FactoredDelta.apply(x, mix.matrix, Bt, C, base, spec)
+        out = _FactoredDelta.apply(x, mix.matrix, B2, C2, base, spec)
     if base is None and not residual and out.dtype != x.dtype and not autocast:
         out = out.to(x.dtype)  # no autocast: back to the input's dtype
     return out
@@ -683,7 +705,7 @@ def linear(
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("functional.linear needs a frozen weight and bias; use apply() around the layer instead")
     mix = _mix_for(A, r, compute_dtype(x, B), scale, mix)
-    return linear_stored(x, weight, bias, mix, B.transpose(1, 2), C, mode == "sequential")
+    return linear_stored(x, weight, bias, mix, *factor_matrices(B, C), mode == "sequential")
 
 
 def linear_stored(
@@ -691,19 +713,19 @@ def linear_stored(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     mix: RuleMix,
-    Bt: torch.Tensor,
-    C: torch.Tensor,
+    B2: torch.Tensor,
+    C2: torch.Tensor,
     sequential: bool,
     dtype: Optional[torch.dtype] = None,
     autocast: Optional[bool] = None,
 ) -> torch.Tensor:
-    """:func:`linear` for checked arguments in the layers' layout (``Bt``: ``(n, r, d_out / n)``; see :func:`apply_stored`)."""
+    """:func:`linear` for checked arguments in the layers' layout (``B2``, ``C2``: :func:`factor_matrices`; see :func:`apply_stored`)."""
     if dtype is None or autocast is None:
-        dtype, autocast = _resolve_dtype(x, Bt, dtype, autocast)
+        dtype, autocast = _resolve_dtype(x, B2, dtype, autocast)
     spec = (sequential, dtype, autocast, mix.grad)
     if _plain_autograd():
-        return _LINEAR_APPLY(_unwrap_if_dead(x), weight, bias, mix.matrix, Bt, C, spec)
-    return _FactoredLinear.apply(x, weight, bias, mix.matrix, Bt, C, spec)
+        return _LINEAR_APPLY(_unwrap_if_dead(x), weight, bias, mix.matrix, B2, C2, spec)
+    return _FactoredLinear.apply(x, weight, bias, mix.matrix, B2, C2, spec)
 
 
 # -- folding into weights ---------------------------------------------------------

@@ -126,20 +126,28 @@ class RuleMixes:
         return RuleMixes()
 
 
-def _b_to_file_layout(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """State-dict hook of ``alore_B``: write each ``B`` as ``(n, d_out / n, r)``, the file layout, whatever its storage."""
-    for name in module._parameters:
-        key = prefix + name
-        if key in state_dict:
-            state_dict[key] = state_dict[key].transpose(1, 2)
+def _factors_to_file_layout(layer: "AloreLayer", state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict hook: each adapter's stored ``(B2, C2)`` written as ``B`` ``(n, d_out / n, r)`` and ``C`` ``(n, r, d_in / n)``.
+
+    The file (and state-dict) layout of the factors is the documented one,
+    whatever the layers store (:func:`~alore_peft.functional.factor_matrices`).
+    """
+    for adapter, n in layer.num_experts.items():
+        b_key, c_key = f"{prefix}alore_B.{adapter}", f"{prefix}alore_C.{adapter}"
+        if b_key in state_dict and c_key in state_dict and state_dict[b_key].dim() == 2:
+            state_dict[b_key], state_dict[c_key] = functional.factor_views(state_dict[b_key], state_dict[c_key], n)
 
 
-def _b_from_file_layout(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-    """Load pre-hook of ``alore_B``: a file's ``(n, d_out / n, r)`` to the stored ``(n, r, d_out / n)``."""
-    for key in [k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]]:
-        value = state_dict[key]
-        if isinstance(value, torch.Tensor) and value.dim() == 3:
-            state_dict[key] = value.transpose(1, 2).contiguous()
+def _factors_from_file_layout(layer: "AloreLayer", state_dict: dict, prefix: str, *args: Any) -> None:
+    """Load pre-hook: a file's 3-D ``B`` and ``C`` to the stored matrices (2-D tensors, already stored, pass as given)."""
+    for kind in ("alore_B.", "alore_C."):
+        start = prefix + kind
+        for key in [k for k in state_dict if k.startswith(start) and "." not in k[len(start):]]:
+            value = state_dict[key]
+            if isinstance(value, torch.Tensor) and value.dim() == 3:
+                n, rows, cols = value.shape  # B: (n, d_out / n, r); C: (n, r, d_in / n)
+                matrix = value.transpose(1, 2).reshape(n * cols, rows) if kind == "alore_B." else value.reshape(-1, cols)
+                state_dict[key] = matrix.contiguous()
 
 
 class AloreLayer(BaseTunerLayer):
@@ -171,12 +179,13 @@ class AloreLayer(BaseTunerLayer):
         self.compute_path: dict[str, str] = {}
         self.alore_dropout = nn.ModuleDict({})
         self.alore_A = nn.ParameterDict({})  # (n, n, n) per adapter, only when rules are not shared
-        # B stored as (n, r, d_out / n), each expert's B[i] transposed: the factored path's up matmul and
-        # gradient read it as one (n r, d_out / n) matrix. factors() and the state dict show (n, d_out / n, r).
+        # B and C stored as the matrices the factored path multiplies by, (n r, d_out / n) and (n r, d_in / n)
+        # (functional.factor_matrices): no reshape per call, and their gradients come out of one matmul each in
+        # that layout. factors() and the state dict show (n, d_out / n, r) and (n, r, d_in / n).
         self.alore_B = nn.ParameterDict({})
-        self.alore_B._register_state_dict_hook(_b_to_file_layout)
-        self.alore_B.register_load_state_dict_pre_hook(_b_from_file_layout)
-        self.alore_C = nn.ParameterDict({})  # (n, r, d_in / n)
+        self.alore_C = nn.ParameterDict({})
+        self._register_state_dict_hook(_factors_to_file_layout)
+        self.register_load_state_dict_pre_hook(_factors_from_file_layout)
         # The tuner's rule matrices: a plain reference, not a submodule, so the
         # state dict holds them once (on the tuner) however many layers use them.
         self.__dict__["_shared_rules"] = shared_rules
@@ -267,13 +276,15 @@ class AloreLayer(BaseTunerLayer):
         # C starts like LoRA's down factor; its fan-in is one input block (q_in)
         # because the orthogonal rules keep the block norms.
         c_bound = 1.0 / math.sqrt(q_in)
-        self.alore_C[adapter_name] = nn.Parameter(torch.empty(n, r, q_in).uniform_(-c_bound, c_bound))
+        c = torch.empty(n, r, q_in).uniform_(-c_bound, c_bound)
         if config.init_weights:
             b = torch.zeros(n, q_out, r)  # dW = 0: the adapter is an exact identity at step 0
         else:
             b_bound = 1.0 / math.sqrt(n * r)
             b = torch.empty(n, q_out, r).uniform_(-b_bound, b_bound)
-        self.alore_B[adapter_name] = nn.Parameter(b.transpose(1, 2).contiguous())  # stored (n, r, q_out)
+        b2, c2 = functional.factor_matrices(b, c)  # stored (n r, q_out) and (n r, q_in)
+        self.alore_C[adapter_name] = nn.Parameter(c2.contiguous())
+        self.alore_B[adapter_name] = nn.Parameter(b2.contiguous())
         if not config.share_rules:
             self.alore_A[adapter_name] = nn.Parameter(functional.init_rules(n, config.rule_init))
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -288,11 +299,16 @@ class AloreLayer(BaseTunerLayer):
         return self._shared_rules[adapter_name]
 
     def factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(A, B, C)`` of ``adapter_name``: ``(n, n, n)``, ``(n, d_out / n, r)`` (a view of the stored ``B``), ``(n, r, d_in / n)``."""
-        return self.rules(adapter_name), self.alore_B[adapter_name].transpose(1, 2), self.alore_C[adapter_name]
+        """``(A, B, C)`` of ``adapter_name``: ``(n, n, n)``, ``(n, d_out / n, r)``, ``(n, r, d_in / n)``.
+
+        ``B`` and ``C`` are views of the stored matrices: ``B[i]`` and ``C[i]`` are expert ``i``'s factors, and
+        writing them (under ``torch.no_grad()``) writes the parameters.
+        """
+        B, C = functional.factor_views(self.alore_B[adapter_name], self.alore_C[adapter_name], self.num_experts[adapter_name])
+        return self.rules(adapter_name), B, C
 
     def _stored(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(A, B as stored (n, r, d_out / n), C)``, read straight from the parameter dicts (the forward's hot path)."""
+        """``(A, B2, C2)``: the rules and the stored factor matrices, read straight from the parameter dicts (the hot path)."""
         modules = self._modules
         A = modules["alore_A"]._parameters.get(adapter_name)
         if A is None:
@@ -471,8 +487,8 @@ class AloreLayer(BaseTunerLayer):
         if not torch.is_grad_enabled():
             return False
         for a in active:
-            A, Bt, C = self._stored(a)
-            if Bt.requires_grad or C.requires_grad or A.requires_grad:
+            A, B2, C2 = self._stored(a)
+            if B2.requires_grad or C2.requires_grad or A.requires_grad:
                 return True
         return False
 
@@ -562,7 +578,7 @@ class AloreLayer(BaseTunerLayer):
         base: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """``base + s dW drop(x)`` along the feature axis (``x + s dW x`` when ``base`` is ``None``)."""
-        A, Bt, C = self._stored(name)  # B as stored, (n, r, d_out / n)
+        A, B2, C2 = self._stored(name)  # the factor matrices, (n r, d_out / n) and (n r, d_in / n)
         dropout = self._modules["alore_dropout"]._modules[name]
         dropped = self.training and not isinstance(dropout, nn.Identity)
         h = dropout(x) if dropped else x
@@ -573,8 +589,8 @@ class AloreLayer(BaseTunerLayer):
         if axis != -1:
             h = h.movedim(axis, -1)  # (..., features)
             base = None if base is None else base.movedim(axis, -1)
-        dtype, autocast = functional.call_dtype(h, Bt)
-        out = functional.apply_stored(h, self._mix(name, A, dtype), Bt, C, base, residual, dtype, autocast)
+        dtype, autocast = functional.call_dtype(h, B2)
+        out = functional.apply_stored(h, self._mix(name, A, dtype), B2, C2, base, residual, dtype, autocast)
         if axis == -1:
             return out
         # Back to the input's layout: the wrapped convolution then runs as it would on its own input.
@@ -682,13 +698,13 @@ class Linear(nn.Module, AloreLayer):
         if len(active) == 1 and type(base) is nn.Linear and not dropout:
             weight, bias = base._parameters["weight"], base._parameters["bias"]
             name = active[0]
-            A, Bt, C = self._stored(name)  # B as stored, (n, r, d_out / n)
-            dtype, autocast = functional.call_dtype(x, Bt)
+            A, B2, C2 = self._stored(name)  # the factor matrices, (n r, d_out / n) and (n r, d_in / n)
+            dtype, autocast = functional.call_dtype(x, B2)
             frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
             if frozen and (autocast or weight.dtype == dtype == x.dtype):
                 sequential = self.mode[name] == "sequential"
                 mix = self._mix(name, A, dtype)
-                return functional.linear_stored(x, weight, bias, mix, Bt, C, sequential, dtype, autocast)
+                return functional.linear_stored(x, weight, bias, mix, B2, C2, sequential, dtype, autocast)
         return super()._factored(active, x, key, args, kwargs, dropout)
 
     # nn.Module comes first in the MRO, so its placeholders must be pointed at AloreLayer's.
