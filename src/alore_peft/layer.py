@@ -134,8 +134,10 @@ def _factors_to_file_layout(layer: "AloreLayer", state_dict: dict, prefix: str, 
     """
     for adapter, n in layer.num_experts.items():
         b_key, c_key = f"{prefix}alore_B.{adapter}", f"{prefix}alore_C.{adapter}"
-        if b_key in state_dict and c_key in state_dict and state_dict[b_key].dim() == 2:
-            state_dict[b_key], state_dict[c_key] = functional.factor_views(state_dict[b_key], state_dict[c_key], n)
+        if b_key in state_dict and state_dict[b_key].dim() == 2:
+            state_dict[b_key] = state_dict[b_key].unflatten(0, (n, -1)).transpose(1, 2)  # (n, d_out / n, r)
+        if c_key in state_dict and state_dict[c_key].dim() == 2:
+            state_dict[c_key] = state_dict[c_key].unflatten(0, (n, -1))  # (n, r, d_in / n)
 
 
 def _factors_from_file_layout(layer: "AloreLayer", state_dict: dict, prefix: str, *args: Any) -> None:
